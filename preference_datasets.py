@@ -1,0 +1,381 @@
+"""Preference data: loaders, the synthetic `demo` set, tokenization (once per run) and batching.
+
+Every loader returns `PreferencePair` records: a prompt as chat messages and two response
+strings. Tokenization renders the prompt with the model's chat template when it has one (the
+HH "Human:/Assistant:" text format otherwise), so the prompt/response boundary is the same
+for the chosen and the rejected response of a pair.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from utils import pad_to_longest
+
+Messages = list[dict[str, str]]
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    prompt: Messages
+    chosen: str
+    rejected: str
+    source: str = ""
+
+
+class DataError(ValueError):
+    """Bad preference data: the message names the file, the line and what is wrong."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Anthropic HH-RLHF
+
+
+HH_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
+HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+
+
+def split_hh_dialogue(text: str) -> tuple[Messages, str]:
+    """Split an HH dialogue into the prompt turns (up to the last "Assistant:") and the response."""
+    cut = text.rfind(ASSISTANT)
+    if cut < 0:
+        raise ValueError("no '\\n\\nAssistant:' turn")
+    messages: Messages = []
+    for chunk in text[:cut].split(HUMAN)[1:]:
+        human, *assistant = chunk.split(ASSISTANT)
+        messages.append({"role": "user", "content": human.strip()})
+        messages.extend({"role": "assistant", "content": turn.strip()} for turn in assistant)
+    if not messages:
+        raise ValueError("no '\\n\\nHuman:' turn before the last Assistant turn")
+    return messages, text[cut + len(ASSISTANT) :].strip()
+
+
+def hh_pairs(rows: Sequence[Mapping], origin: str) -> tuple[list[PreferencePair], int]:
+    """Pairs from HH rows; rows whose prompts differ or whose responses are equal are skipped."""
+    pairs, skipped = [], 0
+    for line, row in enumerate(rows, start=1):
+        try:
+            prompt, chosen = split_hh_dialogue(row["chosen"])
+            rejected_prompt, rejected = split_hh_dialogue(row["rejected"])
+        except (KeyError, ValueError) as error:
+            raise DataError(f"{origin}, row {line}: not an HH dialogue pair ({error})") from error
+        if rejected_prompt != prompt or chosen == rejected:
+            skipped += 1
+            continue
+        pairs.append(PreferencePair(prompt, chosen, rejected, "hh"))
+    return pairs, skipped
+
+
+def _read_jsonl_gz(path: Path) -> list[dict]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    rows = []
+    with opener(path, "rt") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise DataError(f"{path}, line {line_number}: invalid JSON ({error.msg})") from error
+    return rows
+
+
+def load_hh(options: Mapping, seed: int) -> dict[str, list[PreferencePair]]:
+    """HH-RLHF from the hub (`Anthropic/hh-rlhf`) or a local folder of the original files.
+
+    A local folder holds `<subset>/{train,test}.jsonl.gz`. Where it has no train files (the
+    offline slice in ../shared/data has only test files) the test files are split into train
+    and held-out parts, `options.holdout` of them held out.
+    """
+    subsets = list(options.get("subsets") or HH_SUBSETS)
+    splits: dict[str, list[PreferencePair]] = {split: [] for split in SPLITS}
+    skipped = 0
+    if options.get("path"):
+        root = Path(options["path"]).expanduser()
+        if not root.is_dir():
+            raise DataError(f"datasets.hh.path: {root} is not a folder")
+        for split in SPLITS:
+            for file in sorted(root.glob(f"*/{split}.jsonl.gz")):
+                if file.parent.name in subsets:
+                    pairs, dropped = hh_pairs(_read_jsonl_gz(file), str(file))
+                    splits[split] += pairs
+                    skipped += dropped
+        if not splits["test"] and not splits["train"]:
+            raise DataError(f"datasets.hh.path: no <subset>/{{train,test}}.jsonl.gz files of {subsets} in {root}")
+        if not splits["train"]:
+            print(f"hh: {root} has no train files; holding out {options['holdout']} test pairs, training on the rest")
+            splits = holdout_split(splits["test"], int(options["holdout"]), seed)
+    else:
+        import datasets
+
+        for split in SPLITS:
+            for subset in subsets:
+                rows = datasets.load_dataset(options["hub_name"], data_dir=subset, split=split)
+                pairs, dropped = hh_pairs(rows, f"{options['hub_name']}/{subset}/{split}")
+                splits[split] += pairs
+                skipped += dropped
+    if skipped:
+        print(f"hh: skipped {skipped} rows whose prompts differ or whose responses are identical")
+    return splits
+
+
+def holdout_split(pairs: list[PreferencePair], holdout: int, seed: int) -> dict[str, list[PreferencePair]]:
+    if not 0 < holdout < len(pairs):
+        raise DataError(f"holdout: need 0 < holdout < {len(pairs)} pairs, got {holdout}")
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    return {"test": [pairs[i] for i in order[:holdout]], "train": [pairs[i] for i in order[holdout:]]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Local JSON Lines
+
+
+def _as_prompt(value: object, where: str) -> Messages:
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list) and value and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in value):
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise DataError(f"{where}: 'prompt' must be a string or a non-empty list of {{role, content}} messages")
+
+
+def _as_response(value: object, where: str, key: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and isinstance(value[-1], dict) and value[-1].get("role") == "assistant":
+        return value[-1]["content"]
+    raise DataError(f"{where}: '{key}' must be a string or a message list ending with an assistant message")
+
+
+def read_pairs_jsonl(path: Path) -> list[PreferencePair]:
+    """Records with `prompt`, `chosen`, `rejected`: strings or chat-message lists."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    pairs = []
+    with open(path) as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {line_number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{where}: invalid JSON ({error.msg})") from error
+            missing = {"prompt", "chosen", "rejected"} - record.keys()
+            if missing:
+                raise DataError(f"{where}: missing key(s) {sorted(missing)}")
+            pairs.append(
+                PreferencePair(
+                    _as_prompt(record["prompt"], where),
+                    _as_response(record["chosen"], where, "chosen"),
+                    _as_response(record["rejected"], where, "rejected"),
+                    "jsonl",
+                )
+            )
+    return pairs
+
+
+def load_jsonl(options: Mapping, seed: int) -> dict[str, list[PreferencePair]]:
+    if not options.get("train_path"):
+        raise DataError("datasets.jsonl.train_path: set it to a .jsonl file of prompt/chosen/rejected records")
+    train = read_pairs_jsonl(Path(options["train_path"]).expanduser())
+    if options.get("test_path"):
+        return {"train": train, "test": read_pairs_jsonl(Path(options["test_path"]).expanduser())}
+    return holdout_split(train, int(options["holdout"]), seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# The synthetic demo set: small, deterministic, learnable in minutes, with topics that repeat.
+
+CAPITALS = {
+    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon",
+    "Japan": "Tokyo", "Canada": "Ottawa", "Egypt": "Cairo", "Kenya": "Nairobi", "Peru": "Lima",
+    "Norway": "Oslo", "Sweden": "Stockholm", "Greece": "Athens", "Poland": "Warsaw", "Austria": "Vienna",
+    "Ireland": "Dublin", "Chile": "Santiago", "Cuba": "Havana", "Thailand": "Bangkok", "Russia": "Moscow",
+    "China": "Beijing", "India": "New Delhi", "Mexico": "Mexico City", "Argentina": "Buenos Aires",
+}
+OPPOSITES = {
+    "hot": "cold", "big": "small", "fast": "slow", "happy": "sad", "light": "dark", "early": "late",
+    "open": "closed", "full": "empty", "strong": "weak", "loud": "quiet", "hard": "soft", "old": "young",
+    "rich": "poor", "high": "low", "wet": "dry", "thick": "thin",
+}
+DISMISSALS = [
+    "I don't know, look it up yourself.",
+    "Why would I tell you that? Figure it out.",
+    "That is a boring question. Ask something else.",
+    "Not my problem. Search the internet.",
+]
+
+
+def _demo_item(topic: str, rng: random.Random) -> tuple[str, str, str]:
+    """One (question, correct answer, wrong answer) of a topic."""
+    if topic == "capitals":
+        country = rng.choice(sorted(CAPITALS))
+        wrong = rng.choice(sorted(set(CAPITALS.values()) - {CAPITALS[country]}))
+        question = rng.choice(["What is the capital of {}?", "Which city is the capital of {}?"]).format(country)
+        answer = "The capital of {} is {}."
+        return question, answer.format(country, CAPITALS[country]), answer.format(country, wrong)
+    if topic == "addition":
+        a, b = rng.randint(2, 60), rng.randint(2, 60)
+        question = rng.choice(["What is {} plus {}?", "Please add {} and {}."]).format(a, b)
+        wrong = a + b + rng.choice([-10, -2, -1, 1, 2, 10])
+        return question, f"{a} plus {b} equals {a + b}.", f"{a} plus {b} equals {wrong}."
+    if topic == "meters":
+        n = rng.randint(2, 40)
+        question = rng.choice(["How many centimeters are in {} meters?", "Convert {} meters to centimeters."]).format(n)
+        return question, f"{n} meters is {100 * n} centimeters.", f"{n} meters is {10 * n} centimeters."
+    word = rng.choice(sorted(OPPOSITES))
+    wrong = rng.choice(sorted(set(OPPOSITES.values()) - {OPPOSITES[word]}))
+    question = rng.choice(["What is the opposite of '{}'?", "Give me an antonym of '{}'."]).format(word)
+    return question, f"The opposite of '{word}' is '{OPPOSITES[word]}'.", f"The opposite of '{word}' is '{wrong}'."
+
+
+DEMO_TOPICS = ("capitals", "addition", "meters", "opposites")
+
+
+def make_demo_pairs(count: int, seed: int) -> list[PreferencePair]:
+    """`count` pairs over the demo topics: the chosen answer is correct and helpful; the rejected
+    one is a confident wrong answer (half of them) or a rude refusal (the other half)."""
+    rng = random.Random(seed)
+    pairs = []
+    for index in range(count):
+        question, correct, wrong = _demo_item(DEMO_TOPICS[index % len(DEMO_TOPICS)], rng)
+        rejected = wrong if rng.random() < 0.5 else rng.choice(DISMISSALS)
+        pairs.append(PreferencePair([{"role": "user", "content": question}], correct, rejected, "demo"))
+    return pairs
+
+
+def load_demo(options: Mapping, seed: int) -> dict[str, list[PreferencePair]]:
+    """Generated, so it is the same on every machine; the seed is the data's own, not the run's."""
+    data_seed = int(options["seed"])
+    train = make_demo_pairs(int(options["train_size"]), data_seed)
+    seen = {pair.prompt[0]["content"] for pair in train}
+    test = [p for p in make_demo_pairs(4 * int(options["test_size"]), data_seed + 1) if p.prompt[0]["content"] not in seen]
+    return {"train": train, "test": test[: int(options["test_size"])]}
+
+
+LOADERS: dict[str, Callable[[Mapping, int], dict[str, list[PreferencePair]]]] = {
+    "hh": load_hh,
+    "jsonl": load_jsonl,
+    "demo": load_demo,
+}
+
+
+def load_datasets(datasets_cfg: Mapping, seed: int) -> dict[str, list[PreferencePair]]:
+    """Load and mix the configured datasets (`datasets.<name>.*`) into train and test lists."""
+    if not datasets_cfg:
+        raise DataError("datasets: the list is empty; choose at least one, e.g. datasets=[demo]")
+    mixed: dict[str, list[PreferencePair]] = {split: [] for split in SPLITS}
+    for name, options in datasets_cfg.items():
+        loader = LOADERS.get(options.get("loader", name))
+        if loader is None:
+            raise DataError(f"datasets.{name}: no loader named {options.get('loader', name)!r} (known: {', '.join(LOADERS)})")
+        splits = loader(options, seed)
+        for split in SPLITS:
+            limit = options.get(f"max_{split}_examples")
+            mixed[split] += splits[split][:limit] if limit else splits[split]
+    for split in SPLITS:
+        if not mixed[split]:
+            raise DataError(f"datasets: the {split} split is empty for {list(datasets_cfg)}")
+    return mixed
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenization and batching
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+
+
+class PairTokenizer:
+    """Turns pairs into token ids exactly once per run.
+
+    * The prompt is rendered with the chat template (generation prompt added) when the
+      tokenizer has one, else in the HH text format; it gets one BOS where the model expects
+      one, never two, and is truncated to `max_prompt_length` keeping its end (and its BOS).
+    * Each response ends with the end-of-turn token (EOS) and is cut to fit `max_length`
+      together with its prompt; a response cut short loses its EOS, since it did not end.
+    """
+
+    def __init__(self, tokenizer, max_length: int, max_prompt_length: int):
+        if max_prompt_length >= max_length:
+            raise ValueError(f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length})")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.max_prompt_length = max_prompt_length
+        self.chat = bool(getattr(tokenizer, "chat_template", None))
+        bos = tokenizer.bos_token_id
+        self.bos = bos if bos is not None and tokenizer("a").input_ids[:1] == [bos] else None
+        self.end_of_turn = self._end_of_turn()
+
+    def _end_of_turn(self) -> int:
+        """The token the chat template closes an assistant turn with (EOS without a template)."""
+        if self.chat:
+            marker = "\x00RESPONSE\x00"
+            turn = [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}]
+            text = self.tokenizer.apply_chat_template(turn, tokenize=False)
+            closing = self.tokenizer(text.split(marker)[-1].strip(), add_special_tokens=False).input_ids
+            if closing and closing[0] in self.tokenizer.all_special_ids:
+                return closing[0]
+        if self.tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no EOS token to end responses with")
+        return self.tokenizer.eos_token_id
+
+    def prompt_text(self, messages: Messages) -> str:
+        if self.chat:
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        turns = "".join(f"{HUMAN if m['role'] == 'user' else ASSISTANT} {m['content']}" for m in messages)
+        return turns + ASSISTANT
+
+    def encode_prompt(self, messages: Messages) -> list[int]:
+        ids = self.tokenizer(self.prompt_text(messages), add_special_tokens=False).input_ids
+        if self.bos is not None:
+            while ids[:1] == [self.bos]:
+                ids = ids[1:]
+            return [self.bos] + ids[-(self.max_prompt_length - 1) :]
+        return ids[-self.max_prompt_length :]
+
+    def encode_response(self, text: str, room: int) -> list[int]:
+        text = text if self.chat else " " + text
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids + [self.end_of_turn]
+        return ids[:room]
+
+    def __call__(self, pair: PreferencePair) -> TokenizedPair:
+        prompt = self.encode_prompt(pair.prompt)
+        room = self.max_length - len(prompt)
+        return TokenizedPair(prompt, self.encode_response(pair.chosen, room), self.encode_response(pair.rejected, room))
+
+
+def collate(examples: Sequence[TokenizedPair], indices: Sequence[int], pad_id: int, with_rejected: bool = True) -> dict:
+    """One batch: chosen sequences first, then rejected ones, for ONE concatenated forward.
+
+    Labels are -100 on the prompt and on padding; sequences are padded to the longest one.
+    """
+    responses = [e.chosen for e in examples] + ([e.rejected for e in examples] if with_rejected else [])
+    prompts = [e.prompt for e in examples] * (2 if with_rejected else 1)
+    sequences = [p + r for p, r in zip(prompts, responses, strict=True)]
+    labels = [[-100] * len(p) + r for p, r in zip(prompts, responses, strict=True)]
+    input_ids = pad_to_longest(sequences, pad_id)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": pad_to_longest([[1] * len(s) for s in sequences], 0),
+        "labels": pad_to_longest(labels, -100),
+        "index": torch.tensor(list(indices), dtype=torch.long),
+    }
+
+
+def epoch_order(size: int, seed: int, epoch: int) -> list[int]:
+    """The example order of one epoch: a function of (seed, epoch) alone, so resume can rebuild it."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(size, generator=generator).tolist()

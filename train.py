@@ -1,0 +1,168 @@
+"""Train a policy: SFT, then alignment with the configured loss.
+
+    python train.py                                     # the default job (SmolLM2-135M, demo data)
+    python train.py loss=ipo model=mistral7b datasets=[hh]
+    python train.py -m loss.beta=0.1,0.5                # a Hydra sweep
+
+The run directory (Hydra's output directory) gets the resolved `config.yaml`, `metrics.jsonl`,
+one folder per stage (`sft/`, `align/`) with its `final/` model, and `summary.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from preference_datasets import PairTokenizer, load_datasets
+from trainers import TRAINERS
+from trainers.basic import BasicTrainer, MetricsLog
+from utils import resolve_model_path, seed_everything
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key."""
+
+
+def comparable(cfg: DictConfig) -> dict:
+    """The resolved config without the keys that may differ between a run and its resumption."""
+    values = OmegaConf.to_container(cfg, resolve=True)
+    values.pop("resume", None)
+    return values
+
+
+def find_resumable(cfg: DictConfig) -> Path:
+    """The most recent unfinished run under `runs_root` whose config equals this one."""
+    wanted = comparable(cfg)
+    candidates = []
+    for path in Path(cfg.runs_root).glob("**/config.yaml"):
+        run_dir = path.parent
+        if not (run_dir / "summary.json").exists() and comparable(OmegaConf.load(path)) == wanted:
+            candidates.append(run_dir)
+    if not candidates:
+        raise ConfigError(f"resume=true: no unfinished run with this config under {cfg.runs_root}/; pass resume=RUN_DIR")
+    return max(candidates, key=lambda run_dir: (run_dir / "config.yaml").stat().st_mtime)
+
+
+def resolve_run_dir(cfg: DictConfig, output_dir: Path) -> Path:
+    if cfg.resume in (None, False):
+        return output_dir
+    run_dir = find_resumable(cfg) if cfg.resume is True else Path(str(cfg.resume))
+    saved = run_dir / "config.yaml"
+    if not saved.exists():
+        raise ConfigError(f"resume={cfg.resume}: {saved} does not exist, so this is not a run directory")
+    before, now = comparable(OmegaConf.load(saved)), comparable(cfg)
+    changed = sorted(key for key in before.keys() | now.keys() if before.get(key) != now.get(key))
+    if changed:
+        raise ConfigError(f"resume={run_dir}: the config differs from the saved one in {changed}; resume needs the same config")
+    print(f"Resuming the run in {run_dir}")
+    return run_dir
+
+
+def load_tokenizer(cfg: DictConfig):
+    model = cfg.model
+    source = model.archive or resolve_model_path(model.tokenizer_name_or_path or model.name_or_path, cfg.cache_dir)
+    return AutoTokenizer.from_pretrained(source)
+
+
+def load_policy(cfg: DictConfig, tokenizer) -> torch.nn.Module:
+    """The starting weights: `model.archive`, a random init (`model.random_init`) or the hub name."""
+    model = cfg.model
+    dtype = getattr(torch, model.dtype)
+    if model.archive:
+        if not (Path(model.archive) / "config.json").exists():
+            raise ConfigError(f"model.archive={model.archive}: not a Hugging Face model folder (no config.json)")
+        return AutoModelForCausalLM.from_pretrained(model.archive, dtype=dtype)
+    if model.get("random_init"):
+        config = AutoConfig.for_model(
+            **model.random_init,
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        torch.manual_seed(cfg.seed)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(resolve_model_path(model.name_or_path, cfg.cache_dir), dtype=dtype)
+
+
+def stages(cfg: DictConfig) -> list[str]:
+    if cfg.loss.name == "sft":
+        return ["sft"]
+    return ["sft", "align"] if cfg.sft.enabled else ["align"]
+
+
+def start_wandb(cfg: DictConfig, run_dir: Path):
+    if not cfg.wandb.enabled:
+        return None
+    import wandb
+
+    return wandb.init(
+        project=cfg.wandb.project,
+        mode=cfg.wandb.mode,
+        dir=str(run_dir),
+        name=run_dir.name,
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+
+
+def report(results: dict, run_dir: Path, final_model: Path, loss_name: str) -> dict:
+    """Write summary.json and print where the model is and its held-out accuracy over the stages."""
+    accuracy = [("start", next(iter(results.values()))["initial_eval"]["logp_accuracy"])]
+    accuracy += [(f"after {stage}", result["final_eval"]["logp_accuracy"]) for stage, result in results.items()]
+    summary = {"final_model": str(final_model), "logp_accuracy": dict(accuracy), "stages": results}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"\nFinal model: {final_model}")
+    steps = " -> ".join(f"{name} {value:.3f}" for name, value in accuracy)
+    print(f"Held-out preference accuracy (log pi(chosen) > log pi(rejected)): {steps}")
+    if "align" in results:
+        final = results["align"]["final_eval"]
+        print(f"Held-out {loss_name} reward accuracy {final['rewards/accuracy']:.3f}, margin {final['rewards/margin']:.4f}")
+    print(f"Metrics: {run_dir / 'metrics.jsonl'}")
+    return summary
+
+
+def run(cfg: DictConfig, output_dir: Path) -> dict:
+    """Run every stage of the config in `output_dir` (or in the run being resumed); return the summary."""
+    run_dir = resolve_run_dir(cfg, output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / "config.yaml").exists():
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    seed_everything(cfg.seed)
+    tokenizer = load_tokenizer(cfg)
+    pairs = load_datasets(cfg.datasets, cfg.seed)
+    encode = PairTokenizer(tokenizer, cfg.max_length, cfg.max_prompt_length)
+    data = {split: [encode(pair) for pair in tqdm(pairs[split], desc=f"tokenizing {split}")] for split in pairs}
+    policy = load_policy(cfg, tokenizer).to("cuda" if torch.cuda.is_available() else "cpu")
+    metrics = MetricsLog(run_dir / "metrics.jsonl", start_wandb(cfg, run_dir))
+    results, offset, final_model = {}, 0, None
+    for stage in stages(cfg):
+        stage_dir = run_dir / stage
+        final_model = stage_dir / "final"
+        BasicTrainer.recover(final_model)
+        if (final_model / "result.json").exists():
+            print(f"Stage {stage} already finished: loading {final_model}")
+            policy = AutoModelForCausalLM.from_pretrained(final_model, dtype=policy.dtype).to(policy.device)
+            results[stage] = json.loads((final_model / "result.json").read_text())
+        else:
+            trainer = TRAINERS[cfg.trainer](cfg, stage, policy, tokenizer, data, stage_dir, metrics)
+            results[stage] = trainer.train(offset)
+        offset = results[stage]["metrics_offset"]
+    if metrics.wandb_run is not None:
+        metrics.wandb_run.finish()
+    return report(results, run_dir, final_model, cfg.loss.name)
+
+
+@hydra.main(config_path="config", config_name="config", version_base=None)
+def main(cfg: DictConfig) -> None:
+    run(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+if __name__ == "__main__":
+    main()

