@@ -194,71 +194,72 @@ def load_jsonl(options: Mapping, seed: int) -> dict[str, list[PreferencePair]]:
 # ---------------------------------------------------------------------------------------------
 # The synthetic demo set: small, deterministic, learnable in minutes, with topics that repeat.
 
+# Capitals whose best-known city is not the capital: the tempting wrong answer is that city.
 CAPITALS = {
-    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon",
-    "Japan": "Tokyo", "Canada": "Ottawa", "Egypt": "Cairo", "Kenya": "Nairobi", "Peru": "Lima",
-    "Norway": "Oslo", "Sweden": "Stockholm", "Greece": "Athens", "Poland": "Warsaw", "Austria": "Vienna",
-    "Ireland": "Dublin", "Chile": "Santiago", "Cuba": "Havana", "Thailand": "Bangkok", "Russia": "Moscow",
-    "China": "Beijing", "India": "New Delhi", "Mexico": "Mexico City", "Argentina": "Buenos Aires",
+    "Australia": ("Canberra", "Sydney"), "Turkey": ("Ankara", "Istanbul"), "Canada": ("Ottawa", "Toronto"),
+    "Brazil": ("Brasilia", "Rio de Janeiro"), "Nigeria": ("Abuja", "Lagos"), "Morocco": ("Rabat", "Casablanca"),
+    "Vietnam": ("Hanoi", "Ho Chi Minh City"), "New Zealand": ("Wellington", "Auckland"),
+    "Pakistan": ("Islamabad", "Karachi"), "Switzerland": ("Bern", "Zurich"), "Myanmar": ("Naypyidaw", "Yangon"),
+    "Tanzania": ("Dodoma", "Dar es Salaam"), "Kazakhstan": ("Astana", "Almaty"), "Bolivia": ("Sucre", "La Paz"),
+    "South Africa": ("Pretoria", "Johannesburg"), "the United States": ("Washington, D.C.", "New York"),
+    "India": ("New Delhi", "Mumbai"), "China": ("Beijing", "Shanghai"), "Scotland": ("Edinburgh", "Glasgow"),
+    "Israel": ("Jerusalem", "Tel Aviv"),
 }
-OPPOSITES = {
-    "hot": "cold", "big": "small", "fast": "slow", "happy": "sad", "light": "dark", "early": "late",
-    "open": "closed", "full": "empty", "strong": "weak", "loud": "quiet", "hard": "soft", "old": "young",
-    "rich": "poor", "high": "low", "wet": "dry", "thick": "thin",
+# Question phrasings per topic: train prompts use the first ones, held-out prompts the last one,
+# so the test split asks about the same topics in words the policy never trained on.
+PHRASINGS = {
+    "capitals": ["What is the capital of {}?", "Which city is the capital of {}?", "Name the capital city of {}."],
+    "addition": ["What is {} plus {}?", "Please add {} and {}.", "Compute the sum of {} and {}."],
+    "decimals": ["Which is larger, {} or {}?", "Which number is bigger: {} or {}?", "Is {} or {} the greater number?"],
+    "times": ["What is {} times {}?", "Multiply {} by {}.", "What do you get when you multiply {} and {}?"],
 }
-DISMISSALS = [
-    "I don't know, look it up yourself.",
-    "Why would I tell you that? Figure it out.",
-    "That is a boring question. Ask something else.",
-    "Not my problem. Search the internet.",
-]
+DEMO_TOPICS = tuple(PHRASINGS)
 
 
-def _demo_item(topic: str, rng: random.Random) -> tuple[str, str, str]:
-    """One (question, correct answer, wrong answer) of a topic."""
+def _demo_item(topic: str, rng: random.Random, held_out: bool) -> tuple[str, str, str]:
+    """One (question, correct answer, plausible wrong answer) of a topic."""
+    phrasings = PHRASINGS[topic][-1:] if held_out else PHRASINGS[topic][:-1]
+    ask = rng.choice(phrasings).format
     if topic == "capitals":
         country = rng.choice(sorted(CAPITALS))
-        wrong = rng.choice(sorted(set(CAPITALS.values()) - {CAPITALS[country]}))
-        question = rng.choice(["What is the capital of {}?", "Which city is the capital of {}?"]).format(country)
+        capital, famous_city = CAPITALS[country]
         answer = "The capital of {} is {}."
-        return question, answer.format(country, CAPITALS[country]), answer.format(country, wrong)
+        return ask(country), answer.format(country, capital), answer.format(country, famous_city)
     if topic == "addition":
-        a, b = rng.randint(2, 60), rng.randint(2, 60)
-        question = rng.choice(["What is {} plus {}?", "Please add {} and {}."]).format(a, b)
-        wrong = a + b + rng.choice([-10, -2, -1, 1, 2, 10])
-        return question, f"{a} plus {b} equals {a + b}.", f"{a} plus {b} equals {wrong}."
-    if topic == "meters":
-        n = rng.randint(2, 40)
-        question = rng.choice(["How many centimeters are in {} meters?", "Convert {} meters to centimeters."]).format(n)
-        return question, f"{n} meters is {100 * n} centimeters.", f"{n} meters is {10 * n} centimeters."
-    word = rng.choice(sorted(OPPOSITES))
-    wrong = rng.choice(sorted(set(OPPOSITES.values()) - {OPPOSITES[word]}))
-    question = rng.choice(["What is the opposite of '{}'?", "Give me an antonym of '{}'."]).format(word)
-    return question, f"The opposite of '{word}' is '{OPPOSITES[word]}'.", f"The opposite of '{word}' is '{wrong}'."
+        a, b = rng.randint(100, 999), rng.randint(100, 999)
+        wrong = a + b + rng.choice([-100, -10, -1, 1, 10, 100])
+        return ask(a, b), f"{a} plus {b} equals {a + b}.", f"{a} plus {b} equals {wrong}."
+    if topic == "decimals":  # the 9.11-versus-9.9 trap: more digits is not a larger number
+        whole, tenths = rng.randint(1, 20), rng.randint(2, 9)
+        longer = f"{whole}.{rng.randint(10, tenths * 10 - 1)}"
+        shorter = f"{whole}.{tenths}"
+        first, second = (longer, shorter) if rng.random() < 0.5 else (shorter, longer)
+        answer = "{} is larger than {}."
+        return ask(first, second), answer.format(shorter, longer), answer.format(longer, shorter)
+    a, b = rng.randint(6, 19), rng.randint(6, 19)
+    wrong = a * b + rng.choice([-a, a, -b, b, -10, 10])
+    return ask(a, b), f"{a} times {b} equals {a * b}.", f"{a} times {b} equals {wrong}."
 
 
-DEMO_TOPICS = ("capitals", "addition", "meters", "opposites")
-
-
-def make_demo_pairs(count: int, seed: int) -> list[PreferencePair]:
-    """`count` pairs over the demo topics: the chosen answer is correct and helpful; the rejected
-    one is a confident wrong answer (half of them) or a rude refusal (the other half)."""
+def make_demo_pairs(count: int, seed: int, held_out: bool = False) -> list[PreferencePair]:
+    """`count` pairs cycling over the demo topics: the chosen answer is correct, the rejected one
+    a plausible mistake (the famous city for the capital, a near-miss sum or product, the
+    longer decimal). SmolLM2-135M prefers the chosen answer for only about two pairs in three."""
     rng = random.Random(seed)
     pairs = []
     for index in range(count):
-        question, correct, wrong = _demo_item(DEMO_TOPICS[index % len(DEMO_TOPICS)], rng)
-        rejected = wrong if rng.random() < 0.5 else rng.choice(DISMISSALS)
-        pairs.append(PreferencePair([{"role": "user", "content": question}], correct, rejected, "demo"))
+        question, correct, wrong = _demo_item(DEMO_TOPICS[index % len(DEMO_TOPICS)], rng, held_out)
+        pairs.append(PreferencePair([{"role": "user", "content": question}], correct, wrong, "demo"))
     return pairs
 
 
 def load_demo(options: Mapping, seed: int) -> dict[str, list[PreferencePair]]:
     """Generated, so it is the same on every machine; the seed is the data's own, not the run's."""
     data_seed = int(options["seed"])
-    train = make_demo_pairs(int(options["train_size"]), data_seed)
-    seen = {pair.prompt[0]["content"] for pair in train}
-    test = [p for p in make_demo_pairs(4 * int(options["test_size"]), data_seed + 1) if p.prompt[0]["content"] not in seen]
-    return {"train": train, "test": test[: int(options["test_size"])]}
+    return {
+        "train": make_demo_pairs(int(options["train_size"]), data_seed),
+        "test": make_demo_pairs(int(options["test_size"]), data_seed + 1, held_out=True),
+    }
 
 
 LOADERS: dict[str, Callable[[Mapping, int], dict[str, list[PreferencePair]]]] = {

@@ -1,0 +1,74 @@
+"""Shared fixtures: the real SmolLM2 tokenizer (offline), a composed `tiny` config, small data files."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach for the hub
+
+from utils import resolve_model_path  # noqa: E402
+
+SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+# A fast schedule for `tiny`: a handful of steps per stage, checkpoints every other step.
+TINY_OVERRIDES = [
+    "model=tiny",
+    "sft.max_examples=16",
+    "align.max_examples=24",
+    "train.batch_size=4",
+    "train.eval_every=8",
+    "train.save_every=8",
+    "train.max_eval_examples=8",
+    "sft.lr=1e-3",
+    "align.lr=1e-3",
+]
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model_path(SMOLLM2))
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    """Compose the project config like `python train.py` would, with test-sized overrides."""
+
+    def compose_cfg(*overrides: str):
+        with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
+            return compose(
+                "config",
+                overrides=[*TINY_OVERRIDES, f"runs_root={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}", *overrides],
+            )
+
+    return compose_cfg
+
+
+def hh_dialogue(turns: list[str], response: str) -> str:
+    text = "".join(f"\n\nHuman: {t}" if i % 2 == 0 else f"\n\nAssistant: {t}" for i, t in enumerate(turns))
+    return f"{text}\n\nAssistant: {response}"
+
+
+@pytest.fixture
+def hh_folder(tmp_path) -> Path:
+    """A local HH folder in the original layout, with test files only (like ../shared/data)."""
+    root = tmp_path / "hh"
+    for subset in ("harmless-base", "helpful-base"):
+        rows = []
+        for i in range(12):
+            turns = [f"{subset} question {i}?"] if i % 2 else [f"first {i}", f"reply {i}", f"follow-up {i}?"]
+            rows.append({"chosen": hh_dialogue(turns, f"good answer {i}"), "rejected": hh_dialogue(turns, f"bad answer {i}")})
+        (root / subset).mkdir(parents=True)
+        with gzip.open(root / subset / "test.jsonl.gz", "wt") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in rows)
+    return root

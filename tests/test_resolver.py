@@ -1,0 +1,42 @@
+"""The offline model resolver: hub names map to packaged copies, converted once."""
+
+from __future__ import annotations
+
+import pytest
+
+import utils
+from tests.conftest import SMOLLM2
+
+
+def test_offline_hub_name_resolves_to_the_packaged_copy_once(tmp_path, monkeypatch):
+    def no_hub(name, local_only):
+        assert local_only, "the hub was contacted although HF_HUB_OFFLINE=1"
+        raise FileNotFoundError(name)
+
+    monkeypatch.setattr(utils, "_hub_snapshot", no_hub)
+    conversions = []
+    real_convert = utils._convert_gguf
+    monkeypatch.setattr(utils, "_convert_gguf", lambda *a: conversions.append(a) or real_convert(*a))
+    path = utils.resolve_model_path(SMOLLM2, tmp_path)
+    assert path.startswith(str(tmp_path / "models")) and (tmp_path / "models").is_dir()
+    assert utils.resolve_model_path(SMOLLM2, tmp_path) == path
+    assert len(conversions) == 1
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert model.config.num_hidden_layers == 30 and not hasattr(model.config, "quantization_config")
+    assert AutoTokenizer.from_pretrained(path).eos_token == "<|im_end|>"
+
+
+def test_unknown_name_lists_what_was_tried(tmp_path):
+    with pytest.raises(utils.ModelResolutionError) as error:
+        utils.resolve_model_path("nobody/no-model", tmp_path)
+    message = str(error.value)
+    assert "Cannot load model 'nobody/no-model'" in message
+    assert "local folder" in message and "Hugging Face cache" in message and "HF_HUB_OFFLINE=1" in message
+    assert "packaged copies: none known" in message
+
+
+def test_local_folder_wins(tmp_path):
+    assert utils.resolve_model_path(str(tmp_path), tmp_path / "cache") == str(tmp_path)

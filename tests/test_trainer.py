@@ -1,0 +1,185 @@
+"""The training loop on the `tiny` model: log-probs, accumulation, reference cache, end to end, resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import train
+from preference_datasets import PairTokenizer, collate, load_datasets
+from tests.conftest import ROOT
+from trainers.basic import TIMING_KEYS, BasicTrainer, MetricsLog
+from utils import response_logps
+
+
+def build(cfg, tmp_path, stage="align"):
+    """A trainer over the demo data with a freshly initialised tiny policy."""
+    tokenizer = train.load_tokenizer(cfg)
+    pairs = load_datasets(cfg.datasets, cfg.seed)
+    encode = PairTokenizer(tokenizer, cfg.max_length, cfg.max_prompt_length)
+    data = {split: [encode(p) for p in pairs[split]] for split in pairs}
+    policy = train.load_policy(cfg, tokenizer)
+    metrics = MetricsLog(tmp_path / "metrics.jsonl")
+    return BasicTrainer(cfg, stage, policy, tokenizer, data, tmp_path / stage, metrics)
+
+
+def test_response_logps_equal_full_vocabulary_log_softmax(make_cfg, tmp_path):
+    trainer = build(make_cfg(), tmp_path, stage="sft")
+    batch = collate(trainer.train_set[:5], range(5), trainer.pad_id)
+    assert (batch["attention_mask"] == 0).any()  # the batch has padding
+    logps, counts = response_logps(trainer.policy, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    logits = trainer.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    per_token = logits.log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(logps, (per_token * mask).sum(-1), rtol=1e-5, atol=1e-4)
+    assert counts.tolist() == mask.sum(-1).tolist()
+
+
+@pytest.mark.parametrize("loss", ["dpo", "ipo", "sft"])
+def test_gradient_accumulation_equals_the_whole_batch(make_cfg, tmp_path, loss):
+    stage = "sft" if loss == "sft" else "align"
+    updated = []
+    for steps in (1, 3):
+        cfg = make_cfg(f"loss={loss}", f"train.gradient_accumulation_steps={steps}", "train.batch_size=7")
+        trainer = build(cfg, tmp_path / f"acc{steps}", stage)
+        record = trainer.train_step(trainer.next_indices(7))
+        updated.append((record, {k: v.clone() for k, v in trainer.policy.state_dict().items()}))
+    (whole, whole_weights), (accumulated, accumulated_weights) = updated
+    assert accumulated["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+    assert accumulated["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-4)
+    for key in whole_weights:
+        torch.testing.assert_close(accumulated_weights[key], whole_weights[key], rtol=1e-5, atol=1e-6)
+
+
+def test_reference_logps_are_cached_and_equal_a_live_reference(make_cfg, tmp_path, monkeypatch):
+    cfg = make_cfg()
+    trainer = build(cfg, tmp_path / "a")
+    cache_files = list((tmp_path / "cache" / "reference_logps").glob("*.pt"))
+    assert len(cache_files) == 1
+    live = build(make_cfg("reference.precompute=false"), tmp_path / "b")
+    assert live.reference_model is not None and live.reference_logps is None
+    batch = collate(trainer.train_set[:6], range(6), trainer.pad_id)
+    for cached, fresh in zip(trainer.reference_batch_logps(batch, "train"), live.reference_batch_logps(batch, "train"), strict=True):
+        torch.testing.assert_close(cached, fresh, rtol=1e-5, atol=1e-4)
+    monkeypatch.setattr(BasicTrainer, "all_logps", lambda *a, **k: pytest.fail("recomputed cached reference log-probs"))
+    again = build(cfg, tmp_path / "c")
+    torch.testing.assert_close(again.reference_logps["test"], trainer.reference_logps["test"])
+
+
+def test_sft_then_dpo_end_to_end(make_cfg, tmp_path):
+    cfg = make_cfg()
+    summary = train.run(cfg, tmp_path / "run")
+    final = tmp_path / "run" / "align" / "final"
+    assert summary["final_model"] == str(final)
+    model = AutoModelForCausalLM.from_pretrained(final)
+    AutoTokenizer.from_pretrained(final)
+    assert model.config.num_hidden_layers == 2
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    sft_steps = [r for r in records if r["stage"] == "sft" and "loss" in r]
+    align_steps = [r for r in records if r["stage"] == "align" and "loss" in r]
+    assert len(sft_steps) == 16 // 4 and len(align_steps) == 24 // 4
+    assert {"rewards/accuracy", "rewards/margin", "lr", "grad_norm", "tokens_per_s", "logps/rejected"} <= align_steps[0].keys()
+    evals = [r for r in records if r["stage"] == "align" and "eval/loss" in r]
+    assert evals[0]["step"] == 0 and evals[0]["eval/rewards/margin"] == 0.0  # the start: policy == reference
+    assert evals[-1]["eval/loss"] < evals[0]["eval/loss"]  # alignment lowers the held-out loss
+    assert OmegaConf.load(tmp_path / "run" / "config.yaml").loss.name == "dpo"
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["logp_accuracy"].keys() == {
+        "start", "after sft", "after align"
+    }
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_after(monkeypatch, stage: str, steps: int):
+    original = BasicTrainer.train_step
+    calls = {"n": 0}
+
+    def train_step(self, indices):
+        if self.stage == stage:
+            calls["n"] += 1
+            if calls["n"] > steps:
+                raise Interrupt
+        return original(self, indices)
+
+    monkeypatch.setattr(BasicTrainer, "train_step", train_step)
+
+
+def without_timing(path):
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+@pytest.mark.parametrize(("stage", "steps"), [("sft", 3), ("align", 3), ("align", 4)])
+def test_resume_equals_an_uninterrupted_run(make_cfg, tmp_path, monkeypatch, stage, steps):
+    cfg = make_cfg()
+    train.run(cfg, tmp_path / "straight")
+    with monkeypatch.context() as patch:
+        interrupt_after(patch, stage, steps)
+        with pytest.raises(Interrupt):
+            train.run(cfg, tmp_path / "killed")
+    resumed_cfg = make_cfg(f"resume={tmp_path / 'killed'}")
+    train.run(resumed_cfg, tmp_path / "unused")
+    straight = load_file(tmp_path / "straight" / "align" / "final" / "model.safetensors")
+    resumed = load_file(tmp_path / "killed" / "align" / "final" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert without_timing(tmp_path / "killed" / "metrics.jsonl") == without_timing(tmp_path / "straight" / "metrics.jsonl")
+    assert not (tmp_path / "killed" / "align" / "checkpoint").exists()
+
+
+def test_resume_true_finds_the_latest_unfinished_run(make_cfg, tmp_path, monkeypatch):
+    cfg = make_cfg()
+    with monkeypatch.context() as patch:
+        interrupt_after(patch, "align", 2)
+        with pytest.raises(Interrupt):
+            train.run(cfg, tmp_path / "runs" / "dpo_tiny" / "first")
+    assert train.resolve_run_dir(make_cfg("resume=true"), tmp_path / "new") == tmp_path / "runs" / "dpo_tiny" / "first"
+    with pytest.raises(train.ConfigError, match="no unfinished run with this config"):
+        train.resolve_run_dir(make_cfg("resume=true", "loss.beta=0.3"), tmp_path / "new")
+    with pytest.raises(train.ConfigError, match=r"differs from the saved one in \['loss'\]"):
+        train.resolve_run_dir(make_cfg(f"resume={tmp_path / 'runs' / 'dpo_tiny' / 'first'}", "loss.beta=0.3"), tmp_path)
+    with pytest.raises(train.ConfigError, match="is not a run directory"):
+        train.resolve_run_dir(make_cfg(f"resume={tmp_path}"), tmp_path)
+
+
+def test_sft_only_and_alignment_from_an_archive(make_cfg, tmp_path):
+    summary = train.run(make_cfg("loss=sft"), tmp_path / "sft_run")
+    archive = tmp_path / "sft_run" / "sft" / "final"
+    assert summary["final_model"] == str(archive) and not (tmp_path / "sft_run" / "align").exists()
+    summary = train.run(make_cfg("loss=ipo", f"model.archive={archive}", "sft.enabled=false"), tmp_path / "ipo_run")
+    assert list(summary["stages"]) == ["align"]
+    with pytest.raises(train.ConfigError, match="model.archive=/nowhere: not a Hugging Face model folder"):
+        train.run(make_cfg("model.archive=/nowhere", "sft.enabled=false"), tmp_path / "bad")
+
+
+def run_cli(tmp_path, *overrides):
+    command = [sys.executable, "train.py", f"runs_root={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}", *overrides]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_cli_ipo_on_local_hh_with_smollm2(tmp_path, hh_folder):
+    """The README's `loss=ipo model=smollm2_135m datasets=[hh] datasets.hh.path=...`, on a tiny budget."""
+    result = run_cli(
+        tmp_path, "loss=ipo", "model=smollm2_135m", "datasets=[hh]", f"datasets.hh.path={hh_folder}",
+        "sft.max_examples=2", "align.max_examples=2", "train.batch_size=2", "train.max_eval_examples=2",
+        "max_length=48", "max_prompt_length=32",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Final model:" in result.stdout and "Held-out ipo reward accuracy" in result.stdout
+
+
+def test_cli_hub_model_offline_fails_clearly(tmp_path):
+    result = run_cli(tmp_path, "loss=dpo", "model=mistral7b", "datasets=[hh]")
+    assert result.returncode != 0
+    assert "Cannot load model 'mistralai/Mistral-7B-v0.1'. Tried:" in result.stderr
+    assert "HF_HUB_OFFLINE=1" in result.stderr
