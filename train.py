@@ -65,9 +65,18 @@ def resolve_run_dir(cfg: DictConfig, output_dir: Path) -> Path:
     return run_dir
 
 
+def archive(cfg: DictConfig) -> Path | None:
+    """`model.archive`, checked: a Hugging Face model folder to start from."""
+    if not cfg.model.archive:
+        return None
+    if not (Path(cfg.model.archive) / "config.json").exists():
+        raise ConfigError(f"model.archive={cfg.model.archive}: not a Hugging Face model folder (no config.json)")
+    return Path(cfg.model.archive)
+
+
 def load_tokenizer(cfg: DictConfig):
     model = cfg.model
-    source = model.archive or resolve_model_path(model.tokenizer_name_or_path or model.name_or_path, cfg.cache_dir)
+    source = archive(cfg) or resolve_model_path(model.tokenizer_name_or_path or model.name_or_path, cfg.cache_dir)
     return AutoTokenizer.from_pretrained(source)
 
 
@@ -75,10 +84,8 @@ def load_policy(cfg: DictConfig, tokenizer) -> torch.nn.Module:
     """The starting weights: `model.archive`, a random init (`model.random_init`) or the hub name."""
     model = cfg.model
     dtype = getattr(torch, model.dtype)
-    if model.archive:
-        if not (Path(model.archive) / "config.json").exists():
-            raise ConfigError(f"model.archive={model.archive}: not a Hugging Face model folder (no config.json)")
-        return AutoModelForCausalLM.from_pretrained(model.archive, dtype=dtype)
+    if archive(cfg):
+        return AutoModelForCausalLM.from_pretrained(archive(cfg), dtype=dtype)
     if model.get("random_init"):
         config = AutoConfig.for_model(
             **model.random_init,

@@ -40,15 +40,21 @@ def smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(resolve_model_path(SMOLLM2))
 
 
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory) -> Path:
+    """One cache per test session: SmolLM2 is converted once, reference log-probs are keyed anyway."""
+    return tmp_path_factory.mktemp("cache")
+
+
 @pytest.fixture
-def make_cfg(tmp_path):
+def make_cfg(tmp_path, shared_cache):
     """Compose the project config like `python train.py` would, with test-sized overrides."""
 
     def compose_cfg(*overrides: str):
         with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
             return compose(
                 "config",
-                overrides=[*TINY_OVERRIDES, f"runs_root={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}", *overrides],
+                overrides=[*TINY_OVERRIDES, f"runs_root={tmp_path / 'runs'}", f"cache_dir={shared_cache}", *overrides],
             )
 
     return compose_cfg
@@ -67,7 +73,7 @@ def hh_folder(tmp_path) -> Path:
         rows = []
         for i in range(12):
             turns = [f"{subset} question {i}?"] if i % 2 else [f"first {i}", f"reply {i}", f"follow-up {i}?"]
-            rows.append({"chosen": hh_dialogue(turns, f"good answer {i}"), "rejected": hh_dialogue(turns, f"bad answer {i}")})
+            rows.append({"chosen": hh_dialogue(turns, f"good answer {subset} {i}"), "rejected": hh_dialogue(turns, f"bad {subset} {i}")})
         (root / subset).mkdir(parents=True)
         with gzip.open(root / subset / "test.jsonl.gz", "wt") as handle:
             handle.writelines(json.dumps(row) + "\n" for row in rows)
