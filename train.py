@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from eval.plots import plot_metrics
 from preference_datasets import PairTokenizer, load_datasets
 from trainers import TRAINERS
 from trainers.basic import BasicTrainer, MetricsLog
@@ -131,7 +132,7 @@ def report(results: dict, run_dir: Path, final_model: Path, loss_name: str) -> d
     if "align" in results:
         final = results["align"]["final_eval"]
         print(f"Held-out {loss_name} reward accuracy {final['rewards/accuracy']:.3f}, margin {final['rewards/margin']:.4f}")
-    print(f"Metrics: {run_dir / 'metrics.jsonl'}")
+    print(f"Metrics: {run_dir / 'metrics.jsonl'}, plotted in {plot_metrics(run_dir / 'metrics.jsonl')}")
     return summary
 
 

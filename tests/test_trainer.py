@@ -93,6 +93,7 @@ def test_sft_then_dpo_end_to_end(make_cfg, tmp_path):
     assert evals[0]["step"] == 0 and evals[0]["eval/rewards/margin"] == 0.0  # the start: policy == reference
     assert evals[-1]["eval/loss"] < evals[0]["eval/loss"]  # alignment lowers the held-out loss
     assert OmegaConf.load(tmp_path / "run" / "config.yaml").loss.name == "dpo"
+    assert (tmp_path / "run" / "metrics.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["logp_accuracy"].keys() == {
         "start", "after sft", "after align"
     }
