@@ -197,3 +197,11 @@ def test_cli_hub_model_offline_fails_clearly(tmp_path, shared_cache):
     assert result.returncode != 0
     assert "Cannot load model 'mistralai/Mistral-7B-v0.1'. Tried:" in result.stderr
     assert "HF_HUB_OFFLINE=1" in result.stderr
+
+
+def test_wandb_offline_needs_no_account(make_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    train.run(make_cfg("wandb.enabled=true", "sft.max_examples=4", "align.max_examples=4"), tmp_path / "run")
+    logs = list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(logs) == 1 and logs[0].stat().st_size > 0
