@@ -31,6 +31,19 @@ class PreferencePair:
     source: str = ""
 
 
+@dataclass(frozen=True)
+class LabelledResponse:
+    """One response judged alone (unpaired data, KTO): desirable or not."""
+
+    prompt: Messages
+    response: str
+    desirable: bool
+    source: str = ""
+
+
+Example = PreferencePair | LabelledResponse
+
+
 class DataError(ValueError):
     """Bad preference data: the message names the file, the line and what is wrong."""
 
@@ -262,18 +275,18 @@ def load_demo(options: Mapping, seed: int) -> dict[str, list[PreferencePair]]:
     }
 
 
-LOADERS: dict[str, Callable[[Mapping, int], dict[str, list[PreferencePair]]]] = {
+LOADERS: dict[str, Callable[[Mapping, int], dict[str, list[Example]]]] = {
     "hh": load_hh,
     "jsonl": load_jsonl,
     "demo": load_demo,
 }
 
 
-def load_datasets(datasets_cfg: Mapping, seed: int) -> dict[str, list[PreferencePair]]:
+def load_datasets(datasets_cfg: Mapping, seed: int) -> dict[str, list[Example]]:
     """Load and mix the configured datasets (`datasets.<name>.*`) into train and test lists."""
     if not datasets_cfg:
         raise DataError("datasets: the list is empty; choose at least one, e.g. datasets=[demo]")
-    mixed: dict[str, list[PreferencePair]] = {split: [] for split in SPLITS}
+    mixed: dict[str, list[Example]] = {split: [] for split in SPLITS}
     for name, options in datasets_cfg.items():
         loader = LOADERS.get(options.get("loader", name))
         if loader is None:
