@@ -11,9 +11,12 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import re
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -42,6 +45,7 @@ class LabelledResponse:
 
 
 Example = PreferencePair | LabelledResponse
+ExampleT = TypeVar("ExampleT", bound=Example)
 
 
 class DataError(ValueError):
@@ -139,7 +143,7 @@ def load_hh(options: Mapping, seed: int) -> dict[str, list[PreferencePair]]:
     return splits
 
 
-def holdout_split(pairs: list[PreferencePair], holdout: int, seed: int) -> dict[str, list[PreferencePair]]:
+def holdout_split(pairs: list[ExampleT], holdout: int, seed: int) -> dict[str, list[ExampleT]]:
     if not 0 < holdout < len(pairs):
         raise DataError(f"holdout: need 0 < holdout < {len(pairs)} pairs, got {holdout}")
     order = list(range(len(pairs)))
@@ -275,10 +279,249 @@ def load_demo(options: Mapping, seed: int) -> dict[str, list[PreferencePair]]:
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# UltraFeedback, TL;DR comparisons and unpaired (KTO) data: from the hub or local files
+
+Record = tuple[str, Mapping]  # a raw row and where it came from ("<file>, line 3" or "<hub>/<split>, row 3")
+Convert = Callable[[Mapping, str, str], Example | str]  # (row, where, source) -> an example, or why the row is skipped
+_ARRAY_GAP = re.compile(r"[\s,]*")
+
+
+def _json_lines(path: Path, text: str) -> list[Record]:
+    records = []
+    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): JSON strings may hold U+2028
+        if line.strip():
+            try:
+                records.append((f"{path}, line {number}", json.loads(line)))
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}, line {number}: invalid JSON ({error.msg})") from error
+    return records
+
+
+def _json_array(path: Path, text: str) -> list[Record]:
+    """The items of one JSON array (LLaMA-Factory's format), each named by the line it starts on."""
+    try:
+        count = len(json.loads(text))
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}, line {error.lineno}: invalid JSON ({error.msg})") from error
+    decoder, records = json.JSONDecoder(), []
+    position, line, counted = text.index("[") + 1, 1, 0
+    for _ in range(count):  # the text is valid JSON, so only whitespace and one comma separate items
+        position = _ARRAY_GAP.match(text, position).end()
+        line, counted = line + text.count("\n", counted, position), position
+        item, position = decoder.raw_decode(text, position)
+        records.append((f"{path}, line {line}", item))
+    return records
+
+
+def read_records(path: Path) -> list[Record]:
+    """The JSON objects of a file: JSON Lines (`.jsonl`, or `.json` as in OpenAI's TL;DR release) or
+    one JSON array, told apart by the first character; gzip-compressed where the name ends in `.gz`."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as handle:
+        text = handle.read()
+    records = _json_array(path, text) if text.lstrip().startswith("[") else _json_lines(path, text)
+    for where, row in records:
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    return records
+
+
+def _hub_records(hub_name: str, split: str, config: str | None = None) -> list[Record]:
+    import datasets
+
+    rows = datasets.load_dataset(hub_name, config, split=split)
+    origin = "/".join(part for part in (hub_name, config, split) if part)
+    return [(f"{origin}, row {number}", row) for number, row in enumerate(rows, start=1)]
+
+
+def _folder(name: str, path: str) -> Path:
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise DataError(f"datasets.{name}.path: {root} is not a folder")
+    return root
+
+
+def _require(row: Mapping, keys: set[str], where: str) -> None:
+    missing = keys - row.keys()
+    if missing:
+        raise DataError(f"{where}: missing key(s) {sorted(missing)}")
+
+
+def _pair(prompt: Messages, chosen: str, rejected: str, source: str) -> PreferencePair | str:
+    if not chosen.strip() or not rejected.strip():
+        return "an empty response"
+    if chosen == rejected:
+        return "identical responses"
+    return PreferencePair(prompt, chosen, rejected, source)
+
+
+def _context(value: object, where: str) -> Messages | None:
+    """The turns before the response in a message list; None for a string or a lone response."""
+    return _as_prompt(value[:-1], where) if isinstance(value, list) and len(value) > 1 else None
+
+
+def ultrafeedback_pair(row: Mapping, where: str, source: str) -> PreferencePair | str:
+    """Flat strings (the offline slice), or the hub's message lists whose last message is the response:
+    there the turns before it are the prompt (the `prompt` string is only the first user turn)."""
+    _require(row, {"prompt", "chosen", "rejected"}, where)
+    chosen_context, rejected_context = _context(row["chosen"], where), _context(row["rejected"], where)
+    if chosen_context and rejected_context and chosen_context != rejected_context:
+        return "different prompts"
+    prompt = chosen_context or rejected_context or _as_prompt(row["prompt"], where)
+    return _pair(prompt, _as_response(row["chosen"], where, "chosen"), _as_response(row["rejected"], where, "rejected"), source)
+
+
+TLDR_PROMPT = "SUBREDDIT: r/{subreddit}\nTITLE: {title}\nPOST: {post}\nTL;DR:"
+TLDR_HUB_SPLITS = {"train": "train", "test": "validation"}  # of the hub's `comparisons` config
+
+
+def tldr_pair(row: Mapping, where: str, source: str) -> PreferencePair | str:
+    """Two summaries of one Reddit post; `choice` is the index of the one the labeller preferred.
+
+    The prompt is the format of the summarize-from-feedback paper (Stiennon et al. 2020),
+    TLDR_PROMPT. The hub's validation split also holds CNN/DM comparisons (an `article`, no
+    `post`): those are skipped, not errors.
+    """
+    _require(row, {"info", "summaries", "choice"}, where)
+    info, summaries, choice = row["info"], row["summaries"], row["choice"]
+    if isinstance(info, Mapping) and info.get("post") is None and info.get("article") is not None:
+        return "a news article, not a Reddit post"
+    try:
+        fields = {key: info[key].strip() for key in ("subreddit", "title", "post")}
+        texts = [summary["text"].strip() for summary in summaries]
+    except (KeyError, TypeError, AttributeError) as error:
+        raise DataError(f"{where}: need info.subreddit/title/post and summaries[].text strings ({error!r})") from error
+    if len(texts) != 2 or choice not in (0, 1):
+        raise DataError(f"{where}: need two summaries and a choice of 0 or 1, got {len(texts)} and {choice!r}")
+    prompt = [{"role": "user", "content": TLDR_PROMPT.format(**fields)}]
+    return _pair(prompt, texts[choice], texts[1 - choice], source)
+
+
+def labelled_response(row: Mapping, where: str, source: str) -> LabelledResponse | str:
+    """`prompt` / `completion` / `label` records (strings or message lists; the response is the
+    completion's last, assistant, message), or LLaMA-Factory's KTO records: `messages` / `label`,
+    the last message the judged response and the ones before it the prompt."""
+    if "messages" in row:
+        if not isinstance(row["messages"], list) or len(row["messages"]) < 2:
+            raise DataError(f"{where}: 'messages' must list the prompt turns, then the assistant response")
+        row = {**row, "prompt": row["messages"][:-1], "completion": row["messages"]}
+    _require(row, {"prompt", "completion", "label"}, where)
+    if not isinstance(row["label"], bool):
+        raise DataError(f"{where}: 'label' must be true or false, got {row['label']!r}")
+    response = _as_response(row["completion"], where, "completion")
+    if not response.strip():
+        return "an empty response"
+    return LabelledResponse(_as_prompt(row["prompt"], where), response, row["label"], source)
+
+
+def _hold_out(name: str, splits: dict[str, list[ExampleT]], options: Mapping, seed: int, origin: str) -> dict[str, list[ExampleT]]:
+    """Where the data has one split only, `options.holdout` of its examples become the test split."""
+    if splits["train"] and splits["test"]:
+        return splits
+    examples = splits["train"] or splits["test"]
+    if not examples:
+        raise DataError(f"datasets.{name}: no usable examples in {origin}")
+    print(f"{name}: {origin} has one split only; holding out {options['holdout']} of its {len(examples)} examples for test")
+    return holdout_split(examples, int(options["holdout"]), seed)
+
+
+def _build(
+    name: str, records: dict[str, list[Record]], convert: Convert, options: Mapping, seed: int, origin: str
+) -> dict[str, list[Example]]:
+    """Convert every split's rows, report the skipped ones by reason, and hold out a test split if there is none."""
+    splits: dict[str, list[Example]] = {}
+    skipped: Counter[str] = Counter()
+    for split in SPLITS:
+        converted = [convert(row, where, name) for where, row in records[split]]
+        splits[split] = [example for example in converted if not isinstance(example, str)]
+        skipped.update(reason for reason in converted if isinstance(reason, str))
+    if skipped:
+        print(f"{name}: skipped {skipped.total()} rows ({', '.join(f'{reason}: {count}' for reason, count in skipped.items())})")
+    return _hold_out(name, splits, options, seed, origin)
+
+
+def load_ultrafeedback(options: Mapping, seed: int) -> dict[str, list[Example]]:
+    """UltraFeedback binarized: the hub's `train_prefs` / `test_prefs`, or a local folder holding
+    `{train,test}.jsonl` or `.jsonl.gz` (../shared/data/ultrafeedback-binarized: flat strings)."""
+    if not options.get("path"):
+        records = {split: _hub_records(options["hub_name"], f"{split}_prefs") for split in SPLITS}
+        return _build("ultrafeedback", records, ultrafeedback_pair, options, seed, options["hub_name"])
+    root = _folder("ultrafeedback", options["path"])
+    files = {split: [file for file in (root / f"{split}.jsonl", root / f"{split}.jsonl.gz") if file.is_file()] for split in SPLITS}
+    if not any(files.values()):
+        raise DataError(f"datasets.ultrafeedback.path: no train/test .jsonl or .jsonl.gz files in {root}")
+    records = {split: [record for file in files[split] for record in read_records(file)] for split in SPLITS}
+    return _build("ultrafeedback", records, ultrafeedback_pair, options, seed, str(root))
+
+
+def _load_unpaired(name: str, options: Mapping, seed: int) -> dict[str, list[Example]]:
+    """One set of labelled responses, the hub's `train` split or a local file: `holdout` of them are the test split."""
+    if options.get("path"):
+        path = Path(options["path"]).expanduser()
+        return _build(name, {"train": read_records(path), "test": []}, labelled_response, options, seed, str(path))
+    records = {"train": _hub_records(options["hub_name"], "train"), "test": []}
+    return _build(name, records, labelled_response, options, seed, options["hub_name"])
+
+
+def load_ultrafeedback_unpaired(options: Mapping, seed: int) -> dict[str, list[Example]]:
+    """UltraFeedback for KTO (argilla's cleaned binarization): single-turn string prompts and completions,
+    `label` true for a preferred response. Local `path`: a .jsonl or .jsonl.gz file of the same columns."""
+    return _load_unpaired("ultrafeedback_unpaired", options, seed)
+
+
+def load_capybara_unpaired(options: Mapping, seed: int) -> dict[str, list[Example]]:
+    """Capybara for KTO (argilla's distilabel binarization): multi-turn prompts as chat messages, the
+    response in a message list. Local `path`: a .jsonl or .jsonl.gz file of the same columns."""
+    return _load_unpaired("capybara_unpaired", options, seed)
+
+
+def _tldr_local_records(root: Path) -> dict[str, list[Record]]:
+    """Rows of `batch*.json[.gz]` by their `split`: train* to train, the rest (valid1, valid2) to test."""
+    files = sorted([*root.glob("batch*.json"), *root.glob("batch*.json.gz")])
+    if not files:
+        raise DataError(f"datasets.tldr.path: no batch*.json or batch*.json.gz files in {root}")
+    records: dict[str, list[Record]] = {split: [] for split in SPLITS}
+    for file in files:
+        for where, row in read_records(file):
+            if not isinstance(row.get("split"), str):
+                raise DataError(f"{where}: 'split' must be a string such as 'train' or 'valid1'")
+            records["train" if row["split"].startswith("train") else "test"].append((where, row))
+    return records
+
+
+def load_tldr(options: Mapping, seed: int) -> dict[str, list[Example]]:
+    """OpenAI's summarize-from-feedback TL;DR comparisons: the hub's `comparisons` config (train and
+    validation), or a local folder of the release's batch files (../shared/data/tldr-comparisons
+    has validation batches only, so `holdout` of them are held out and the rest trained on)."""
+    if options.get("path"):
+        root = _folder("tldr", options["path"])
+        return _build("tldr", _tldr_local_records(root), tldr_pair, options, seed, str(root))
+    records = {split: _hub_records(options["hub_name"], hub_split, "comparisons") for split, hub_split in TLDR_HUB_SPLITS.items()}
+    return _build("tldr", records, tldr_pair, options, seed, options["hub_name"])
+
+
+def load_kto_jsonl(options: Mapping, seed: int) -> dict[str, list[Example]]:
+    """Local unpaired data: JSON Lines of prompt/completion/label records, or LLaMA-Factory's KTO JSON
+    array (../shared/data/llama-factory-demo/kto_en_demo.json); no `test_path`: `holdout` are held out."""
+    if not options.get("train_path"):
+        raise DataError("datasets.kto_jsonl.train_path: set it to a .jsonl, .jsonl.gz or .json file of prompt/completion/label records")
+    records = {"train": read_records(Path(options["train_path"]).expanduser()), "test": []}
+    if options.get("test_path"):
+        records["test"] = read_records(Path(options["test_path"]).expanduser())
+    return _build("kto_jsonl", records, labelled_response, options, seed, options["train_path"])
+
+
 LOADERS: dict[str, Callable[[Mapping, int], dict[str, list[Example]]]] = {
     "hh": load_hh,
     "jsonl": load_jsonl,
     "demo": load_demo,
+    "ultrafeedback": load_ultrafeedback,
+    "ultrafeedback_unpaired": load_ultrafeedback_unpaired,
+    "capybara_unpaired": load_capybara_unpaired,
+    "tldr": load_tldr,
+    "kto_jsonl": load_kto_jsonl,
 }
 
 
