@@ -21,10 +21,11 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from eval.plots import plot_metrics
-from preference_datasets import PairTokenizer, load_datasets
+from preference_datasets import PairTokenizer, PreferencePair, load_datasets
 from trainers import TRAINERS
 from trainers.basic import BasicTrainer, MetricsLog
-from utils import resolve_model_path, seed_everything
+from trainers.losses import WEIGHTINGS, loss_setting
+from utils import encode_texts, resolve_model_path, seed_everything
 
 
 class ConfigError(ValueError):
@@ -100,6 +101,34 @@ def load_policy(cfg: DictConfig, tokenizer) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(resolve_model_path(model.name_or_path, cfg.cache_dir), dtype=dtype)
 
 
+def prompt_text(pair: PreferencePair) -> str:
+    return "\n".join(message["content"] for message in pair.prompt)
+
+
+def contrast_embeddings(cfg: DictConfig, pairs: dict[str, list[PreferencePair]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+    """Per split, the embeddings of each pair's chosen and rejected side, for RPO's weights.
+
+    `loss.embedding.input=prompt` embeds the prompt (both sides share it);
+    `prompt_response` embeds each response with its prompt (the RPO paper's ablation).
+    """
+    loss = OmegaConf.to_container(cfg.loss)
+    if cfg.loss.name == "sft" or loss_setting(loss, "weighting", WEIGHTINGS) != "embedding":
+        return None
+    model, kind = cfg.loss.embedding.model, cfg.loss.embedding.input
+    if kind not in ("prompt", "prompt_response"):
+        raise ConfigError(f"loss.embedding.input={kind!r}: choose prompt or prompt_response")
+    embeddings = {}
+    for split, examples in pairs.items():
+        if kind == "prompt":
+            shared = encode_texts([prompt_text(p) for p in examples], model, cfg.cache_dir)
+            embeddings[split] = (shared, shared)
+        else:
+            chosen = encode_texts([f"{prompt_text(p)}\n{p.chosen}" for p in examples], model, cfg.cache_dir)
+            rejected = encode_texts([f"{prompt_text(p)}\n{p.rejected}" for p in examples], model, cfg.cache_dir)
+            embeddings[split] = (chosen, rejected)
+    return embeddings
+
+
 def stages(cfg: DictConfig) -> list[str]:
     if cfg.loss.name == "sft":
         return ["sft"]
@@ -147,6 +176,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     pairs = load_datasets(cfg.datasets, cfg.seed)
     encode = PairTokenizer(tokenizer, cfg.max_length, cfg.max_prompt_length)
     data = {split: [encode(pair) for pair in tqdm(pairs[split], desc=f"tokenizing {split}")] for split in pairs}
+    embeddings = contrast_embeddings(cfg, pairs)
     policy = load_policy(cfg, tokenizer).to("cuda" if torch.cuda.is_available() else "cpu")
     metrics = MetricsLog(run_dir / "metrics.jsonl", start_wandb(cfg, run_dir))
     results, offset, final_model = {}, 0, None
@@ -159,7 +189,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
             policy = AutoModelForCausalLM.from_pretrained(final_model, dtype=policy.dtype).to(policy.device)
             results[stage] = json.loads((final_model / "result.json").read_text())
         else:
-            trainer = TRAINERS[cfg.trainer](cfg, stage, policy, tokenizer, data, stage_dir, metrics)
+            trainer = TRAINERS[cfg.trainer](cfg, stage, policy, tokenizer, data, stage_dir, metrics, embeddings)
             results[stage] = trainer.train(offset)
         offset = results[stage]["metrics_offset"]
     if metrics.wandb_run is not None:

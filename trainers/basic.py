@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from preference_datasets import TokenizedPair, collate, epoch_order
-from trainers.losses import preference_loss, sft_loss
+from trainers.losses import REWARDS, loss_setting, preference_loss, sft_loss
 from utils import atomic_torch_save, response_logps, rng_state, set_rng_state, state_fingerprint, text_fingerprint
 
 OPTIMIZERS = {"rmsprop": torch.optim.RMSprop, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
@@ -78,6 +78,8 @@ class BasicTrainer:
         data: tokenized `train` and `test` pairs.
         stage_dir: where `checkpoint/` and `final/` of this stage go.
         metrics: the run's metrics log.
+        embeddings: per split, the [n, d] embeddings of each pair's chosen and rejected side
+            (RPO's weights), computed once before training.
     """
 
     def __init__(
@@ -89,17 +91,18 @@ class BasicTrainer:
         data: Mapping[str, Sequence[TokenizedPair]],
         stage_dir: Path,
         metrics: MetricsLog,
+        embeddings: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ):
         self.cfg, self.stage, self.policy, self.tokenizer = cfg, stage, policy, tokenizer
         self.stage_cfg = cfg[stage]
         self.loss_cfg = OmegaConf.to_container(cfg.loss) if stage == "align" else {"name": "sft"}
         self.train_set = data["train"]
         self.test_set = data["test"][: cfg.train.max_eval_examples or None]
-        self.stage_dir, self.metrics = stage_dir, metrics
+        self.stage_dir, self.metrics, self.embeddings = stage_dir, metrics, embeddings
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.device = next(policy.parameters()).device
         self.reference_model, self.reference_logps = None, None
-        if stage == "align":
+        if stage == "align" and loss_setting(self.loss_cfg, "reward", REWARDS) != "length_normalized":
             if cfg.reference.precompute:
                 self.reference_logps = self.precomputed_reference_logps()
             else:
@@ -154,13 +157,22 @@ class BasicTrainer:
         atomic_torch_save(logps, path)
         return logps
 
-    def reference_batch_logps(self, batch: Mapping, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def reference_batch_logps(self, batch: Mapping, split: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The reference log-probs of the batch's chosen and rejected responses (None when reference-free)."""
         if self.reference_logps is not None:
             rows = self.reference_logps[split][batch["index"]].to(self.device)
             return rows[:, 0], rows[:, 1]
+        if self.reference_model is None:
+            return None, None
         with torch.no_grad():
             logps, _ = self.logps(self.reference_model, batch)
         return logps.view(2, -1)[0], logps.view(2, -1)[1]
+
+    def batch_embeddings(self, batch: Mapping, split: str) -> dict[str, torch.Tensor]:
+        if self.embeddings is None:
+            return {}
+        chosen, rejected = self.embeddings[split]
+        return {"chosen_embeddings": chosen[batch["index"]], "rejected_embeddings": rejected[batch["index"]]}
 
     # ----------------------------------------------------------------------------- losses
 
@@ -179,7 +191,14 @@ class BasicTrainer:
         chosen_lengths, rejected_lengths = counts.view(2, -1)
         reference_chosen, reference_rejected = self.reference_batch_logps(batch, split)
         loss, chosen_rewards, rejected_rewards = preference_loss(
-            chosen, rejected, reference_chosen, reference_rejected, self.loss_cfg, chosen_lengths, rejected_lengths
+            chosen,
+            rejected,
+            reference_chosen,
+            reference_rejected,
+            self.loss_cfg,
+            chosen_lengths,
+            rejected_lengths,
+            **self.batch_embeddings(batch, split),
         )
         return loss, {
             "rewards/chosen": chosen_rewards,

@@ -48,7 +48,8 @@ def _require(cfg: Mapping, key: str) -> object:
     return cfg[key]
 
 
-def _setting(cfg: Mapping, key: str, allowed: tuple[str, ...]) -> str:
+def loss_setting(cfg: Mapping, key: str, allowed: tuple[str, ...]) -> str:
+    """A structural key of the loss (`weighting`, `link`, `reward`): the config's, else the preset's."""
     preset = PRESETS.get(cfg["name"], {})
     value = cfg.get(key) or preset.get(key)
     if value not in allowed:
@@ -171,9 +172,9 @@ def preference_loss(
         The scalar loss and the (detached) rewards of the chosen [M] and rejected [N] responses.
     """
     beta = float(_require(cfg, "beta"))
-    weighting = _setting(cfg, "weighting", WEIGHTINGS)
-    link = _setting(cfg, "link", LINKS)
-    reward = _setting(cfg, "reward", REWARDS)
+    weighting = loss_setting(cfg, "weighting", WEIGHTINGS)
+    link = loss_setting(cfg, "link", LINKS)
+    reward = loss_setting(cfg, "reward", REWARDS)
     chosen_rewards = rewards(reward, beta, policy_chosen_logps, reference_chosen_logps, chosen_lengths, "chosen")
     rejected_rewards = rewards(reward, beta, policy_rejected_logps, reference_rejected_logps, rejected_lengths, "rejected")
     rows, columns = len(chosen_rewards), len(rejected_rewards)
