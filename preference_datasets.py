@@ -555,6 +555,39 @@ class TokenizedPair:
     rejected: list[int]
 
 
+@dataclass(frozen=True)
+class TokenizedResponse:
+    """One response of unpaired data, and the response of another item that KTO's KL term pairs
+    with this item's prompt (fixed per item, so its reference log-prob can be cached)."""
+
+    prompt: list[int]
+    response: list[int]
+    desirable: bool
+    mismatched: list[int]
+
+
+def as_items(examples: Sequence[Example]) -> list[LabelledResponse]:
+    """Unpaired view of any data: a pair gives a desirable and an undesirable response."""
+    items = []
+    for example in examples:
+        if isinstance(example, PreferencePair):
+            items.append(LabelledResponse(example.prompt, example.chosen, True, example.source))
+            items.append(LabelledResponse(example.prompt, example.rejected, False, example.source))
+        else:
+            items.append(example)
+    return items
+
+
+def require_pairs(examples: Sequence[Example], loss_name: str) -> list[PreferencePair]:
+    unpaired = {e.source for e in examples if isinstance(e, LabelledResponse)}
+    if unpaired:
+        raise DataError(
+            f"loss {loss_name!r} contrasts responses of the same prompt, but datasets {sorted(unpaired)} hold single "
+            "labelled responses: use loss=rpo_unpaired or loss=kto (or loss.paired=false)"
+        )
+    return list(examples)
+
+
 class PairTokenizer:
     """Turns pairs into token ids exactly once per run.
 
@@ -613,21 +646,48 @@ class PairTokenizer:
         room = self.max_length - len(prompt)
         return TokenizedPair(prompt, self.encode_response(pair.chosen, room), self.encode_response(pair.rejected, room))
 
+    def items(self, items: Sequence[LabelledResponse], seed: int) -> list[TokenizedResponse]:
+        """Tokenize unpaired items; item i's mismatched response is that of the item after it in
+        a fixed (seed) permutation, so no item is paired with its own response."""
+        prompts = [self.encode_prompt(item.prompt) for item in items]
+        order = epoch_order(len(items), seed, epoch=-1)
+        partner = {order[k]: order[(k + 1) % len(order)] for k in range(len(order))}
+        return [
+            TokenizedResponse(
+                prompt,
+                self.encode_response(item.response, self.max_length - len(prompt)),
+                item.desirable,
+                self.encode_response(items[partner[i]].response, self.max_length - len(prompt)),
+            )
+            for i, (item, prompt) in enumerate(zip(items, prompts, strict=True))
+        ]
 
-def collate(examples: Sequence[TokenizedPair], indices: Sequence[int], pad_id: int, with_rejected: bool = True) -> dict:
-    """One batch: chosen sequences first, then rejected ones, for ONE concatenated forward.
 
-    Labels are -100 on the prompt and on padding; sequences are padded to the longest one.
-    """
-    responses = [e.chosen for e in examples] + ([e.rejected for e in examples] if with_rejected else [])
-    prompts = [e.prompt for e in examples] * (2 if with_rejected else 1)
+def collate_sequences(prompts: Sequence[list[int]], responses: Sequence[list[int]], pad_id: int) -> dict:
+    """Prompt + response sequences padded to the longest; labels -100 on the prompt and padding."""
     sequences = [p + r for p, r in zip(prompts, responses, strict=True)]
     labels = [[-100] * len(p) + r for p, r in zip(prompts, responses, strict=True)]
-    input_ids = pad_to_longest(sequences, pad_id)
     return {
-        "input_ids": input_ids,
+        "input_ids": pad_to_longest(sequences, pad_id),
         "attention_mask": pad_to_longest([[1] * len(s) for s in sequences], 0),
         "labels": pad_to_longest(labels, -100),
+    }
+
+
+def collate(examples: Sequence[TokenizedPair], indices: Sequence[int], pad_id: int, with_rejected: bool = True) -> dict:
+    """One batch of pairs: chosen sequences first, then rejected ones, for ONE concatenated forward."""
+    responses = [e.chosen for e in examples] + ([e.rejected for e in examples] if with_rejected else [])
+    prompts = [e.prompt for e in examples] * (2 if with_rejected else 1)
+    return {**collate_sequences(prompts, responses, pad_id), "index": torch.tensor(list(indices), dtype=torch.long)}
+
+
+def collate_items(items: Sequence[TokenizedResponse], indices: Sequence[int], pad_id: int) -> dict:
+    """One batch of unpaired items (desirable ones first), with their mismatched KL sequences."""
+    prompts = [item.prompt for item in items]
+    return {
+        **collate_sequences(prompts, [item.response for item in items], pad_id),
+        "mismatched": collate_sequences(prompts, [item.mismatched for item in items], pad_id),
+        "desirable": torch.tensor([item.desirable for item in items]),
         "index": torch.tensor(list(indices), dtype=torch.long),
     }
 
@@ -636,3 +696,54 @@ def epoch_order(size: int, seed: int, epoch: int) -> list[int]:
     """The example order of one epoch: a function of (seed, epoch) alone, so resume can rebuild it."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return torch.randperm(size, generator=generator).tolist()
+
+
+class EpochSampler:
+    """Indices of `pool` in (seed, epoch) order, one epoch after the other; its state is two ints."""
+
+    def __init__(self, pool: Sequence[int], seed: int):
+        self.pool, self.seed = list(pool), seed
+        self.epoch = self.position = 0
+
+    def take(self, count: int) -> list[int]:
+        taken: list[int] = []
+        while len(taken) < count:
+            order = epoch_order(len(self.pool), self.seed, self.epoch)
+            step = order[self.position : self.position + count - len(taken)]
+            taken += [self.pool[k] for k in step]
+            self.position += len(step)
+            if self.position == len(order):
+                self.epoch, self.position = self.epoch + 1, 0
+        return taken
+
+    def state(self) -> list[int]:
+        return [self.epoch, self.position]
+
+    def load(self, state: Sequence[int]) -> None:
+        self.epoch, self.position = state
+
+
+class BalancedSampler:
+    """Unpaired batches that always hold both sides: desirable and undesirable items come from two
+    streams, in proportion to their counts (at least one of each), so no batch is one-sided."""
+
+    def __init__(self, desirable: Sequence[bool], seed: int):
+        chosen = [i for i, d in enumerate(desirable) if d]
+        rejected = [i for i, d in enumerate(desirable) if not d]
+        if not chosen or not rejected:
+            raise DataError(f"unpaired training needs desirable and undesirable responses: got {len(chosen)} and {len(rejected)}")
+        self.share = len(chosen) / len(desirable)
+        self.streams = (EpochSampler(chosen, seed), EpochSampler(rejected, seed + 1))
+
+    def take(self, count: int) -> list[int]:
+        if count < 2:
+            raise DataError(f"an unpaired batch needs room for both sides: batch of {count}")
+        chosen = min(max(round(count * self.share), 1), count - 1)
+        return self.streams[0].take(chosen) + self.streams[1].take(count - chosen)
+
+    def state(self) -> list[int]:
+        return self.streams[0].state() + self.streams[1].state()
+
+    def load(self, state: Sequence[int]) -> None:
+        self.streams[0].load(state[:2])
+        self.streams[1].load(state[2:])

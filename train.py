@@ -21,7 +21,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from eval.plots import plot_metrics
-from preference_datasets import PairTokenizer, PreferencePair, load_datasets
+from preference_datasets import Example, LabelledResponse, PairTokenizer, PreferencePair, as_items, load_datasets, require_pairs
 from trainers import TRAINERS
 from trainers.basic import BasicTrainer, MetricsLog
 from trainers.losses import WEIGHTINGS, loss_setting
@@ -101,32 +101,49 @@ def load_policy(cfg: DictConfig, tokenizer) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(resolve_model_path(model.name_or_path, cfg.cache_dir), dtype=dtype)
 
 
-def prompt_text(pair: PreferencePair) -> str:
-    return "\n".join(message["content"] for message in pair.prompt)
+def prompt_text(example: Example) -> str:
+    return "\n".join(message["content"] for message in example.prompt)
 
 
-def contrast_embeddings(cfg: DictConfig, pairs: dict[str, list[PreferencePair]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
-    """Per split, the embeddings of each pair's chosen and rejected side, for RPO's weights.
+def contrast_embeddings(cfg: DictConfig, examples: dict[str, list]) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+    """Per split, embeddings of the chosen and of the rejected side of each example, for RPO's weights.
 
-    `loss.embedding.input=prompt` embeds the prompt (both sides share it);
-    `prompt_response` embeds each response with its prompt (the RPO paper's ablation).
+    `loss.embedding.input=prompt` embeds the prompt (both sides of a pair share it);
+    `prompt_response` embeds each response with its prompt (the RPO paper's ablation). Unpaired
+    items have one side: the same table serves both.
     """
-    loss = OmegaConf.to_container(cfg.loss)
-    if cfg.loss.name == "sft" or loss_setting(loss, "weighting", WEIGHTINGS) != "embedding":
+    if cfg.loss.name in ("sft", "kto") or loss_setting(OmegaConf.to_container(cfg.loss), "weighting", WEIGHTINGS) != "embedding":
         return None
     model, kind = cfg.loss.embedding.model, cfg.loss.embedding.input
     if kind not in ("prompt", "prompt_response"):
         raise ConfigError(f"loss.embedding.input={kind!r}: choose prompt or prompt_response")
+
+    def encode(texts: list[str]) -> torch.Tensor:
+        return encode_texts(texts, model, cfg.cache_dir)
+
     embeddings = {}
-    for split, examples in pairs.items():
+    for split, rows in examples.items():
         if kind == "prompt":
-            shared = encode_texts([prompt_text(p) for p in examples], model, cfg.cache_dir)
+            shared = encode([prompt_text(e) for e in rows])
             embeddings[split] = (shared, shared)
+        elif isinstance(rows[0], PreferencePair):
+            chosen = encode([f"{prompt_text(p)}\n{p.chosen}" for p in rows])
+            embeddings[split] = (chosen, encode([f"{prompt_text(p)}\n{p.rejected}" for p in rows]))
         else:
-            chosen = encode_texts([f"{prompt_text(p)}\n{p.chosen}" for p in examples], model, cfg.cache_dir)
-            rejected = encode_texts([f"{prompt_text(p)}\n{p.rejected}" for p in examples], model, cfg.cache_dir)
-            embeddings[split] = (chosen, rejected)
+            shared = encode([f"{prompt_text(item)}\n{item.response}" for item in rows])
+            embeddings[split] = (shared, shared)
     return embeddings
+
+
+def prepare_examples(cfg: DictConfig, examples: dict[str, list[Example]]) -> dict[str, list[Example]]:
+    """Pairs for the paired losses; single labelled responses for unpaired ones (`loss.paired=false`)."""
+    has_unpaired = any(isinstance(e, LabelledResponse) for rows in examples.values() for e in rows)
+    paired = cfg.loss.get("paired", True) and not (cfg.loss.name == "sft" and has_unpaired)
+    if cfg.loss.name == "kto" and paired:
+        raise ConfigError("loss=kto judges responses one at a time: it needs loss.paired=false")
+    if paired:
+        return {split: require_pairs(rows, cfg.loss.name) for split, rows in examples.items()}
+    return {split: as_items(rows) for split, rows in examples.items()}
 
 
 def stages(cfg: DictConfig) -> list[str]:
@@ -151,13 +168,15 @@ def start_wandb(cfg: DictConfig, run_dir: Path):
 
 def report(results: dict, run_dir: Path, final_model: Path, loss_name: str) -> dict:
     """Write summary.json and print where the model is and its held-out accuracy over the stages."""
-    accuracy = [("start", next(iter(results.values()))["initial_eval"]["logp_accuracy"])]
-    accuracy += [(f"after {stage}", result["final_eval"]["logp_accuracy"]) for stage, result in results.items()]
+    first = next(iter(results.values()))["initial_eval"]
+    accuracy = [("start", first.get("logp_accuracy"))]
+    accuracy += [(f"after {stage}", result["final_eval"].get("logp_accuracy")) for stage, result in results.items()]
     summary = {"final_model": str(final_model), "logp_accuracy": dict(accuracy), "stages": results}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\nFinal model: {final_model}")
-    steps = " -> ".join(f"{name} {value:.3f}" for name, value in accuracy)
-    print(f"Held-out preference accuracy (log pi(chosen) > log pi(rejected)): {steps}")
+    if first.get("logp_accuracy") is not None:  # pairs only: unpaired data has no same-prompt comparison
+        steps = " -> ".join(f"{name} {value:.3f}" for name, value in accuracy)
+        print(f"Held-out preference accuracy (log pi(chosen) > log pi(rejected)): {steps}")
     if "align" in results:
         final = results["align"]["final_eval"]
         print(f"Held-out {loss_name} reward accuracy {final['rewards/accuracy']:.3f}, margin {final['rewards/margin']:.4f}")
@@ -173,10 +192,13 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg)
-    pairs = load_datasets(cfg.datasets, cfg.seed)
+    examples = prepare_examples(cfg, load_datasets(cfg.datasets, cfg.seed))
     encode = PairTokenizer(tokenizer, cfg.max_length, cfg.max_prompt_length)
-    data = {split: [encode(pair) for pair in tqdm(pairs[split], desc=f"tokenizing {split}")] for split in pairs}
-    embeddings = contrast_embeddings(cfg, pairs)
+    if isinstance(examples["train"][0], PreferencePair):
+        data = {split: [encode(pair) for pair in tqdm(rows, desc=f"tokenizing {split}")] for split, rows in examples.items()}
+    else:
+        data = {split: encode.items(rows, cfg.seed) for split, rows in examples.items()}
+    embeddings = contrast_embeddings(cfg, examples)
     policy = load_policy(cfg, tokenizer).to("cuda" if torch.cuda.is_available() else "cpu")
     metrics = MetricsLog(run_dir / "metrics.jsonl", start_wandb(cfg, run_dir))
     results, offset, final_model = {}, 0, None

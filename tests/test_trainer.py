@@ -51,7 +51,7 @@ def test_gradient_accumulation_equals_the_whole_batch(make_cfg, tmp_path, loss):
         # SGD: the update is the gradient itself (RMSprop would amplify rounding in near-zero gradients)
         cfg = make_cfg(f"loss={loss}", f"train.gradient_accumulation_steps={steps}", "train.batch_size=7", "train.optimizer=sgd")
         trainer = build(cfg, tmp_path / f"acc{steps}", stage)
-        record = trainer.train_step(trainer.next_indices(7))
+        record = trainer.train_step(trainer.sampler.take(7))
         updated.append((record, {k: v.clone() for k, v in trainer.policy.state_dict().items()}))
     (whole, whole_weights), (accumulated, accumulated_weights) = updated
     assert accumulated["loss"] == pytest.approx(whole["loss"], rel=1e-5)

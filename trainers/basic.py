@@ -13,6 +13,7 @@ import math
 import shutil
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import astuple
 from pathlib import Path
 
 import torch
@@ -20,8 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from preference_datasets import TokenizedPair, collate, epoch_order
-from trainers.losses import REWARDS, loss_setting, preference_loss, sft_loss
+from preference_datasets import BalancedSampler, EpochSampler, TokenizedPair, collate, collate_items
+from trainers.losses import REWARDS, kto_loss, loss_setting, preference_loss, sft_loss
 from utils import atomic_torch_save, response_logps, rng_state, set_rng_state, state_fingerprint, text_fingerprint
 
 OPTIMIZERS = {"rmsprop": torch.optim.RMSprop, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
@@ -75,7 +76,7 @@ class BasicTrainer:
         policy: the model to train, in place. For `align` its weights at construction are the
             frozen reference.
         tokenizer: saved beside every checkpoint.
-        data: tokenized `train` and `test` pairs.
+        data: tokenized `train` and `test` examples: pairs, or unpaired items (`loss.paired=false`).
         stage_dir: where `checkpoint/` and `final/` of this stage go.
         metrics: the run's metrics log.
         embeddings: per split, the [n, d] embeddings of each pair's chosen and rejected side
@@ -99,10 +100,12 @@ class BasicTrainer:
         self.train_set = data["train"]
         self.test_set = data["test"][: cfg.train.max_eval_examples or None]
         self.stage_dir, self.metrics, self.embeddings = stage_dir, metrics, embeddings
+        self.paired = isinstance(self.train_set[0], TokenizedPair)
+        self.kto = self.loss_cfg["name"] == "kto"
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.device = next(policy.parameters()).device
         self.reference_model, self.reference_logps = None, None
-        if stage == "align" and loss_setting(self.loss_cfg, "reward", REWARDS) != "length_normalized":
+        if stage == "align" and (self.kto or loss_setting(self.loss_cfg, "reward", REWARDS) != "length_normalized"):
             if cfg.reference.precompute:
                 self.reference_logps = self.precomputed_reference_logps()
             else:
@@ -110,9 +113,64 @@ class BasicTrainer:
         self.optimizer = OPTIMIZERS[cfg.train.optimizer](policy.parameters(), lr=self.stage_cfg.lr)
         warmup = self.stage_cfg.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
-        self.step = self.examples = self.epoch = self.position = 0
-        budget = self.stage_cfg.epochs * len(self.train_set)
+        self.step = self.examples = 0
+        self.sampler = self.build_sampler()
+        budget = self.stage_cfg.epochs * (len(self.sampler.pool) if self.stage == "sft" or self.paired else len(self.train_set))
         self.total_examples = min(budget, self.stage_cfg.max_examples or budget)
+
+    def build_sampler(self) -> EpochSampler | BalancedSampler:
+        """Pairs: all of them. Unpaired SFT: the desirable responses. Unpaired alignment: both sides."""
+        if self.paired:
+            return EpochSampler(range(len(self.train_set)), self.cfg.seed)
+        if self.stage == "sft":
+            return EpochSampler([i for i, item in enumerate(self.train_set) if item.desirable], self.cfg.seed)
+        return BalancedSampler([item.desirable for item in self.train_set], self.cfg.seed)
+
+    # ----------------------------------------------------------------------------- batches
+
+    def make_batch(self, examples: Sequence, indices: Sequence[int], with_rejected: bool = True) -> dict:
+        """Pairs: [chosen; rejected] sequences. Unpaired items: their responses (desirable first in
+        training batches) and, under `mismatched`, each prompt with another item's response."""
+        chosen = [examples[i] for i in indices]
+        if self.paired:
+            return collate(chosen, indices, self.pad_id, with_rejected)
+        return collate_items(chosen, indices, self.pad_id)
+
+    def response_tokens(self, example) -> int:
+        return len(example.chosen if self.paired else example.response)
+
+    def example_weight(self, examples: Sequence) -> int:
+        """How much of a batch's mean loss a micro-batch carries: tokens for SFT, examples otherwise."""
+        return sum(map(self.response_tokens, examples)) if self.stage == "sft" else len(examples)
+
+    def split_sides(self, indices: Sequence[int], parts: int) -> list[list[int]]:
+        """`parts` micro-batches of a batch; unpaired ones keep both sides in every micro-batch."""
+        if self.paired or self.stage == "sft":
+            return [chunk.tolist() for chunk in torch.tensor_split(torch.tensor(indices), parts) if len(chunk)]
+        chosen = [i for i in indices if self.train_set[i].desirable]
+        rejected = [i for i in indices if not self.train_set[i].desirable]
+        if parts > min(len(chosen), len(rejected)):
+            raise ValueError(
+                f"train.gradient_accumulation_steps={parts} splits an unpaired batch of {len(chosen)} desirable and "
+                f"{len(rejected)} undesirable responses: each micro-batch needs both; use fewer steps or larger batches"
+            )
+        chunks = zip(torch.tensor_split(torch.tensor(chosen), parts), torch.tensor_split(torch.tensor(rejected), parts), strict=True)
+        return [c.tolist() + r.tolist() for c, r in chunks]
+
+    def eval_batches(self) -> list[list[int]]:
+        """Held-out batches in a fixed order covering every example once (both sides in each)."""
+        size, count = self.cfg.train.eval_batch_size, len(self.test_set)
+        if self.paired:
+            return [list(range(start, min(start + size, count))) for start in range(0, count, size)]
+        if self.stage == "sft":
+            desirable = [i for i, item in enumerate(self.test_set) if item.desirable]
+            return [desirable[start : start + size] for start in range(0, len(desirable), size)]
+        sides = ([i for i, e in enumerate(self.test_set) if e.desirable], [i for i, e in enumerate(self.test_set) if not e.desirable])
+        if not all(sides):
+            raise ValueError("the held-out split needs desirable and undesirable responses")
+        parts = max(1, min(math.ceil(count / size), *map(len, sides)))
+        chunks = zip(*(torch.tensor_split(torch.tensor(side), parts) for side in sides), strict=True)
+        return [c.tolist() + r.tolist() for c, r in chunks]
 
     # ----------------------------------------------------------------------------- log-probs
 
@@ -125,27 +183,31 @@ class BasicTrainer:
             batch["labels"].to(self.device),
         )
 
-    def batches(self, examples: Sequence[TokenizedPair], size: int, with_rejected: bool = True):
-        for start in range(0, len(examples), size):
-            indices = range(start, min(start + size, len(examples)))
-            yield collate([examples[i] for i in indices], indices, self.pad_id, with_rejected)
+    def pair_logps(self, model: torch.nn.Module, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs of the batch's two sequence sets: (chosen, rejected) of pairs; for unpaired
+        items (response, mismatched response) - the second only where KTO needs it."""
+        logps, _ = self.logps(model, batch)
+        if self.paired:
+            return logps.view(2, -1)[0], logps.view(2, -1)[1]
+        mismatched = self.logps(model, batch["mismatched"])[0] if self.kto else torch.zeros_like(logps)
+        return logps, mismatched
 
     @torch.no_grad()
-    def all_logps(self, model: torch.nn.Module, examples: Sequence[TokenizedPair], desc: str) -> torch.Tensor:
-        """[len(examples), 2] summed log-probs of (chosen, rejected), in eval mode."""
+    def all_logps(self, model: torch.nn.Module, examples: Sequence, desc: str) -> torch.Tensor:
+        """[len(examples), 2] summed log-probs of `pair_logps`'s two sets, in eval mode."""
         was_training = model.training
         model.eval()
         size = self.cfg.train.eval_batch_size
         rows = []
-        for batch in tqdm(self.batches(examples, size), total=math.ceil(len(examples) / size), desc=desc, leave=False):
-            logps, _ = self.logps(model, batch)
-            rows.append(logps.view(2, -1).T.float().cpu())
+        for start in tqdm(range(0, len(examples), size), desc=desc, leave=False):
+            batch = self.make_batch(examples, range(start, min(start + size, len(examples))))
+            rows.append(torch.stack(self.pair_logps(model, batch), dim=1).float().cpu())
         model.train(was_training)
         return torch.cat(rows)
 
     def precomputed_reference_logps(self) -> dict[str, torch.Tensor]:
         """Reference log-probs of both splits, cached on disk by (weights, data, tokenization)."""
-        data_key = text_fingerprint([[e.prompt, e.chosen, e.rejected] for e in self.train_set + self.test_set])
+        data_key = text_fingerprint([astuple(e) for e in [*self.train_set, *self.test_set]], self.kto)
         key = text_fingerprint(state_fingerprint(self.policy), data_key, self.cfg.max_length, self.cfg.max_prompt_length)
         path = Path(self.cfg.cache_dir) / "reference_logps" / f"{key}.pt"
         if path.exists():
@@ -158,132 +220,133 @@ class BasicTrainer:
         return logps
 
     def reference_batch_logps(self, batch: Mapping, split: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The reference log-probs of the batch's chosen and rejected responses (None when reference-free)."""
+        """The reference's `pair_logps` of the batch (None, None when the loss is reference-free)."""
         if self.reference_logps is not None:
             rows = self.reference_logps[split][batch["index"]].to(self.device)
             return rows[:, 0], rows[:, 1]
         if self.reference_model is None:
             return None, None
         with torch.no_grad():
-            logps, _ = self.logps(self.reference_model, batch)
-        return logps.view(2, -1)[0], logps.view(2, -1)[1]
+            return self.pair_logps(self.reference_model, batch)
 
-    def batch_embeddings(self, batch: Mapping, split: str) -> dict[str, torch.Tensor]:
+    def batch_embeddings(self, batch: Mapping, split: str, desirable: torch.Tensor | None) -> dict[str, torch.Tensor]:
         if self.embeddings is None:
             return {}
         chosen, rejected = self.embeddings[split]
-        return {"chosen_embeddings": chosen[batch["index"]], "rejected_embeddings": rejected[batch["index"]]}
+        if desirable is None:
+            return {"chosen_embeddings": chosen[batch["index"]], "rejected_embeddings": rejected[batch["index"]]}
+        index = batch["index"]
+        return {"chosen_embeddings": chosen[index[desirable.cpu()]], "rejected_embeddings": rejected[index[~desirable.cpu()]]}
 
     # ----------------------------------------------------------------------------- losses
 
-    def batch_loss(self, batch: Mapping, split: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The batch's loss and per-example statistics (each a tensor over the batch's examples)."""
+    def batch_loss(self, batch: Mapping, split: str) -> tuple[torch.Tensor, dict[str, float]]:
+        """The batch's loss and its statistics (means over the batch)."""
         logps, counts = self.logps(self.policy, batch)
         if self.stage == "sft":
-            return sft_loss(logps, counts), {"logps/chosen": logps.detach()}
-        return self.pair_loss(logps, counts, batch, split)
+            return sft_loss(logps, counts), {"logps/chosen": logps.mean().item()}
+        return self.objective(logps, counts, batch, split)
 
-    def pair_loss(
-        self, logps: torch.Tensor, counts: torch.Tensor, batch: Mapping, split: str
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The configured preference loss from the policy log-probs of [chosen; rejected]."""
-        chosen, rejected = logps.view(2, -1)
-        chosen_lengths, rejected_lengths = counts.view(2, -1)
-        reference_chosen, reference_rejected = self.reference_batch_logps(batch, split)
-        loss, chosen_rewards, rejected_rewards = preference_loss(
-            chosen,
-            rejected,
-            reference_chosen,
-            reference_rejected,
-            self.loss_cfg,
-            chosen_lengths,
-            rejected_lengths,
-            **self.batch_embeddings(batch, split),
-        )
-        return loss, {
-            "rewards/chosen": chosen_rewards,
-            "rewards/rejected": rejected_rewards,
-            "rewards/accuracy": (chosen_rewards > rejected_rewards).float(),
-            "rewards/margin": chosen_rewards - rejected_rewards,
-            "logps/chosen": chosen.detach(),
-            "logps/rejected": rejected.detach(),
-        }
-
-    def example_weight(self, examples: Sequence[TokenizedPair]) -> int:
-        """How much of a batch's mean loss a micro-batch carries: tokens for SFT, pairs otherwise."""
-        return sum(len(e.chosen) for e in examples) if self.stage == "sft" else len(examples)
+    def objective(self, logps: torch.Tensor, counts: torch.Tensor, batch: Mapping, split: str) -> tuple[torch.Tensor, dict[str, float]]:
+        """The configured loss from the policy log-probs of the batch's sequences."""
+        reference_first, reference_second = self.reference_batch_logps(batch, split)
+        stats: dict[str, float] = {}
+        if self.paired:
+            desirable = None
+            chosen, rejected = logps.view(2, -1)
+            chosen_lengths, rejected_lengths = counts.view(2, -1)
+            reference_chosen, reference_rejected = reference_first, reference_second
+        else:
+            desirable = batch["desirable"].to(self.device)
+            chosen, rejected = logps[desirable], logps[~desirable]
+            chosen_lengths, rejected_lengths = counts[desirable], counts[~desirable]
+            reference_chosen = None if reference_first is None else reference_first[desirable]
+            reference_rejected = None if reference_first is None else reference_first[~desirable]
+        if self.kto:
+            with torch.no_grad():
+                policy_kl_logps = self.logps(self.policy, batch["mismatched"])[0]
+            loss, rewards, kl = kto_loss(logps, reference_first, desirable, policy_kl_logps, reference_second, self.loss_cfg)
+            chosen_rewards, rejected_rewards = rewards[desirable], rewards[~desirable]
+            stats["kl"] = kl.item()
+        else:
+            loss, chosen_rewards, rejected_rewards = preference_loss(
+                chosen,
+                rejected,
+                reference_chosen,
+                reference_rejected,
+                self.loss_cfg,
+                chosen_lengths,
+                rejected_lengths,
+                **self.batch_embeddings(batch, split, desirable),
+            )
+        # paired: each pair's own comparison; unpaired: every chosen response against every rejected one
+        wins = chosen_rewards > rejected_rewards if self.paired else chosen_rewards.unsqueeze(1) > rejected_rewards.unsqueeze(0)
+        stats.update({
+            "rewards/chosen": chosen_rewards.mean().item(),
+            "rewards/rejected": rejected_rewards.mean().item(),
+            "rewards/accuracy": wins.float().mean().item(),
+            "rewards/margin": (chosen_rewards.mean() - rejected_rewards.mean()).item(),
+            "logps/chosen": chosen.detach().mean().item(),
+            "logps/rejected": rejected.detach().mean().item(),
+        })
+        return loss, stats
 
     # ----------------------------------------------------------------------------- training
-
-    def next_indices(self, count: int) -> list[int]:
-        """The next `count` training examples; epochs follow each other in (seed, epoch) order."""
-        indices = []
-        while len(indices) < count:
-            order = epoch_order(len(self.train_set), self.cfg.seed, self.epoch)
-            take = order[self.position : self.position + count - len(indices)]
-            indices += take
-            self.position += len(take)
-            if self.position == len(order):
-                self.epoch, self.position = self.epoch + 1, 0
-        return indices
 
     def train_step(self, indices: Sequence[int]) -> dict[str, float]:
         """One optimizer step on a batch, split into `gradient_accumulation_steps` micro-batches.
 
         Each micro-batch loss is weighted by its share of the batch, so the update equals that of
-        the whole batch in one pass for losses that do not couple examples.
+        the whole batch in one pass for losses that do not couple examples (SFT, DPO, IPO, SimPO).
         """
         self.policy.train()
-        with_rejected = self.stage != "sft"
-        examples = [self.train_set[i] for i in indices]
-        total_weight = self.example_weight(examples)
-        sums: dict[str, float] = {"loss": 0.0}
+        total_weight = self.example_weight([self.train_set[i] for i in indices])
+        record: dict[str, float] = {"loss": 0.0}
         tokens = 0
-        for chunk in torch.tensor_split(torch.tensor(indices), self.cfg.train.gradient_accumulation_steps):
-            if len(chunk) == 0:
-                continue
-            chunk_examples = [self.train_set[i] for i in chunk.tolist()]
-            batch = collate(chunk_examples, chunk.tolist(), self.pad_id, with_rejected)
+        for part in self.split_sides(indices, self.cfg.train.gradient_accumulation_steps):
+            batch = self.make_batch(self.train_set, part, with_rejected=self.stage != "sft")
             tokens += int(batch["attention_mask"].sum())
             loss, stats = self.batch_loss(batch, "train")
-            share = self.example_weight(chunk_examples) / total_weight
+            share = self.example_weight([self.train_set[i] for i in part]) / total_weight
             (loss * share).backward()
-            sums["loss"] += loss.item() * share
-            for key, values in stats.items():
-                sums[key] = sums.get(key, 0.0) + values.sum().item()
+            for key, value in {"loss": loss.item(), **stats}.items():
+                record[key] = record.get(key, 0.0) + value * share
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.train.max_grad_norm)
         learning_rate = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        record = {k: v if k == "loss" else v / len(indices) for k, v in sums.items()}
         return {**record, "lr": learning_rate, "grad_norm": grad_norm.item(), "tokens": tokens}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Held-out loss, rewards and the policy's own preference: log pi(chosen) > log pi(rejected)."""
+        """Held-out loss, rewards and, on pairs, the policy's own preference:
+        log pi(chosen) > log pi(rejected) (`logp_accuracy`)."""
         self.policy.eval()
         totals: dict[str, float] = {}
-        weighted_loss = 0.0
-        for batch in self.batches(self.test_set, self.cfg.train.eval_batch_size):
-            n = len(batch["index"])
+        for indices in self.eval_batches():
+            batch = self.make_batch(self.test_set, indices)
             logps, counts = self.logps(self.policy, batch)
-            chosen, rejected = logps.view(2, -1)
-            stats = {"logp_accuracy": (chosen > rejected).float(), "logps/chosen": chosen, "logps/rejected": rejected}
+            weight = len(indices)
+            stats: dict[str, float] = {}
+            if self.paired:
+                chosen, rejected = logps.view(2, -1)
+                stats = {"logp_accuracy": (chosen > rejected).float().mean().item()}
             if self.stage == "sft":
-                loss = sft_loss(chosen, counts.view(2, -1)[0])
-                weight = counts.view(2, -1)[0].sum().item()
+                chosen_counts = counts.view(2, -1)[0] if self.paired else counts
+                chosen_logps = chosen if self.paired else logps
+                weight = chosen_counts.sum().item()  # the loss is a mean over tokens
+                loss = sft_loss(chosen_logps, chosen_counts)
+                stats["logps/chosen"] = chosen_logps.mean().item()
             else:
-                loss, pair_stats = self.pair_loss(logps, counts, batch, "test")
-                stats.update(pair_stats)
-                weight = n
-            weighted_loss += loss.item() * weight
+                loss, objective_stats = self.objective(logps, counts, batch, "test")
+                stats.update(objective_stats)
+            for key, value in {"loss": loss.item(), **stats}.items():
+                totals[key] = totals.get(key, 0.0) + value * weight
             totals["weight"] = totals.get("weight", 0.0) + weight
-            for key, values in stats.items():
-                totals[key] = totals.get(key, 0.0) + values.sum().item()
         self.policy.train()
         weight = totals.pop("weight")
-        return {"loss": weighted_loss / weight, **{k: v / len(self.test_set) for k, v in totals.items()}}
+        return {key: value / weight for key, value in totals.items()}
 
     def log(self, kind: str, values: Mapping) -> None:
         prefix = "eval/" if kind == "eval" else ""
@@ -309,7 +372,7 @@ class BasicTrainer:
         bar = tqdm(total=self.total_examples, initial=self.examples, desc=self.stage, unit="ex")
         while self.examples < self.total_examples:
             started = time.perf_counter()
-            indices = self.next_indices(min(self.cfg.train.batch_size, self.total_examples - self.examples))
+            indices = self.sampler.take(min(self.cfg.train.batch_size, self.total_examples - self.examples))
             before = self.examples
             record = self.train_step(indices)
             self.step += 1
@@ -345,7 +408,8 @@ class BasicTrainer:
         state = {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "counters": [self.step, self.examples, self.epoch, self.position],
+            "counters": [self.step, self.examples],
+            "sampler": self.sampler.state(),
             "rng": rng_state(),
             "metrics_offset": self.metrics.offset(),
             "initial_eval": json.dumps(initial_eval),
@@ -375,7 +439,8 @@ class BasicTrainer:
         state = torch.load(folder / "trainer_state.pt", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.examples, self.epoch, self.position = state["counters"]
+        self.step, self.examples = state["counters"]
+        self.sampler.load(state["sampler"])
         set_rng_state(state["rng"])
         self.metrics.truncate(state["metrics_offset"])
         print(f"Resuming {self.stage} from {folder} at step {self.step} ({self.examples} examples)")
