@@ -1,0 +1,116 @@
+"""The contrast and unpaired losses in the training loop: every preset end to end on the demo data,
+the embedding cache, balanced unpaired batches, KTO's mismatched pairs, resume of unpaired runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from preference_datasets import BalancedSampler, DataError, LabelledResponse, PairTokenizer, PreferencePair, as_items
+from tests.test_trainer import Interrupt, interrupt_after, without_timing
+
+
+@pytest.mark.parametrize("loss", ["rpo", "rpo_unpaired", "rpo_uniform", "rpo_diagonal", "simpo", "rpo_simpo", "kto"])
+def test_every_preset_trains_end_to_end(make_cfg, tmp_path, loss):
+    summary = train.run(make_cfg(f"loss={loss}", "sft.max_examples=8"), tmp_path / "run")
+    final = summary["stages"]["align"]["final_eval"]
+    assert {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin"} <= final.keys()
+    assert all(torch.isfinite(torch.tensor(v)) for v in final.values())
+    sft = load_file(tmp_path / "run" / "sft" / "final" / "model.safetensors")
+    aligned = load_file(tmp_path / "run" / "align" / "final" / "model.safetensors")
+    assert any(not torch.equal(sft[k], aligned[k]) for k in sft)  # the loss moved the policy
+    if loss == "kto":
+        records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        assert all("kl" in r for r in records if r["stage"] == "align" and "loss" in r)
+
+
+def test_prompt_embeddings_are_encoded_once_and_cached(make_cfg, tmp_path, monkeypatch, shared_cache):
+    import sentence_transformers
+
+    calls = []
+    original = sentence_transformers.SentenceTransformer.encode
+
+    def counting_encode(self, sentences, **kwargs):
+        calls.append(len(sentences))
+        return original(self, sentences, **kwargs)
+
+    monkeypatch.setattr(sentence_transformers.SentenceTransformer, "encode", counting_encode)
+    cfg = make_cfg("loss=rpo", "sft.enabled=false", "datasets.demo.seed=77")  # data no other test embeds
+    train.run(cfg, tmp_path / "first")
+    assert calls == [256, 64]  # train and test prompts, each once, none during training
+    train.run(cfg, tmp_path / "second")
+    assert calls == [256, 64]  # the second run reads the cache
+    assert len(list((shared_cache / "embeddings").glob("*.pt"))) >= 2
+
+
+def test_prompt_response_embeddings_differ_per_side(make_cfg, tmp_path):
+    examples = train.prepare_examples(make_cfg("loss=rpo"), train.load_datasets(make_cfg().datasets, 0))
+    cfg = make_cfg("loss=rpo", "loss.embedding.input=prompt_response")
+    chosen, rejected = train.contrast_embeddings(cfg, examples)["test"]
+    assert chosen.shape == rejected.shape and not torch.equal(chosen, rejected)
+    shared = train.contrast_embeddings(make_cfg("loss=rpo"), examples)["test"]
+    assert shared[0] is shared[1]
+    with pytest.raises(train.ConfigError, match="loss.embedding.input='response'"):
+        train.contrast_embeddings(make_cfg("loss=rpo", "loss.embedding.input=response"), examples)
+
+
+def test_balanced_batches_always_hold_both_sides():
+    desirable = [True] * 3 + [False] * 10
+    sampler = BalancedSampler(desirable, seed=0)
+    for _ in range(20):
+        batch = sampler.take(4)
+        sides = [desirable[i] for i in batch]
+        assert sides.count(True) == 1 and sides.count(False) == 3 and sides == sorted(sides, reverse=True)
+    restored = BalancedSampler(desirable, seed=0)
+    restored.load(sampler.state())
+    assert restored.take(8) == sampler.take(8)
+    with pytest.raises(DataError, match="got 0 and 2"):
+        BalancedSampler([False, False], seed=0)
+    with pytest.raises(DataError, match="batch of 1"):
+        BalancedSampler(desirable, seed=0).take(1)
+
+
+def test_accumulation_keeps_both_sides_in_every_micro_batch(make_cfg, tmp_path):
+    cfg = make_cfg("loss=rpo_unpaired", "train.gradient_accumulation_steps=2", "sft.enabled=false")
+    summary = train.run(cfg, tmp_path / "ok")
+    assert summary["stages"]["align"]["steps"] == 24 // 4
+    with pytest.raises(ValueError, match="each micro-batch needs both"):
+        train.run(make_cfg("loss=rpo_unpaired", "train.gradient_accumulation_steps=3", "sft.enabled=false"), tmp_path / "bad")
+
+
+def test_items_and_mismatched_pairs(smollm2_tokenizer):
+    pairs = [PreferencePair([{"role": "user", "content": f"q{i}"}], f"good {i}", f"bad {i}") for i in range(5)]
+    items = as_items(pairs)
+    assert [item.desirable for item in items[:2]] == [True, False] and items[1].response == "bad 0"
+    tokenized = PairTokenizer(smollm2_tokenizer, 64, 32).items(items, seed=0)
+    responses = [t.response for t in tokenized]
+    for item in tokenized:
+        assert item.mismatched in responses and item.mismatched != item.response
+    assert len({tuple(t.mismatched) for t in tokenized}) == len(tokenized)  # a permutation of the responses
+
+
+def test_paired_losses_refuse_single_responses(make_cfg):
+    single = {"train": [LabelledResponse([{"role": "user", "content": "q"}], "a", True, "kto_jsonl")], "test": []}
+    with pytest.raises(DataError, match=r"datasets \['kto_jsonl'\] hold single labelled responses: use loss=rpo_unpaired"):
+        train.prepare_examples(make_cfg("loss=rpo"), single)
+    with pytest.raises(train.ConfigError, match="loss=kto .* needs loss.paired=false"):
+        train.prepare_examples(make_cfg("loss=kto", "loss.paired=true"), single)
+
+
+@pytest.mark.parametrize("loss", ["rpo_unpaired", "kto"])
+def test_unpaired_resume_equals_an_uninterrupted_run(make_cfg, tmp_path, monkeypatch, loss):
+    cfg = make_cfg(f"loss={loss}", "sft.enabled=false")
+    train.run(cfg, tmp_path / "straight")
+    with monkeypatch.context() as patch:
+        interrupt_after(patch, "align", 3)
+        with pytest.raises(Interrupt):
+            train.run(cfg, tmp_path / "killed")
+    train.run(make_cfg(f"loss={loss}", "sft.enabled=false", f"resume={tmp_path / 'killed'}"), tmp_path / "unused")
+    straight = load_file(tmp_path / "straight" / "align" / "final" / "model.safetensors")
+    resumed = load_file(tmp_path / "killed" / "align" / "final" / "model.safetensors")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert without_timing(tmp_path / "killed" / "metrics.jsonl") == without_timing(tmp_path / "straight" / "metrics.jsonl")
