@@ -77,7 +77,7 @@ def test_reference_logps_are_cached_and_equal_a_live_reference(make_cfg, tmp_pat
 
 
 def test_sft_then_dpo_end_to_end(make_cfg, tmp_path):
-    cfg = make_cfg()
+    cfg = make_cfg("loss=dpo")
     summary = train.run(cfg, tmp_path / "run")
     final = tmp_path / "run" / "align" / "final"
     assert summary["final_model"] == str(final)
