@@ -78,7 +78,7 @@ def test_accumulation_keeps_both_sides_in_every_micro_batch(make_cfg, tmp_path):
     cfg = make_cfg("loss=rpo_unpaired", "train.gradient_accumulation_steps=2", "sft.enabled=false")
     summary = train.run(cfg, tmp_path / "ok")
     assert summary["stages"]["align"]["steps"] == 24 // 4
-    with pytest.raises(ValueError, match="each micro-batch needs both"):
+    with pytest.raises(ValueError, match="cannot fill 3 batches that each need both"):
         train.run(make_cfg("loss=rpo_unpaired", "train.gradient_accumulation_steps=3", "sft.enabled=false"), tmp_path / "bad")
 
 

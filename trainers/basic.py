@@ -143,34 +143,33 @@ class BasicTrainer:
         """How much of a batch's mean loss a micro-batch carries: tokens for SFT, examples otherwise."""
         return sum(map(self.response_tokens, examples)) if self.stage == "sft" else len(examples)
 
+    @staticmethod
+    def balanced_parts(examples: Sequence, indices: Sequence[int], parts: int) -> list[list[int]]:
+        """Split unpaired `indices` into `parts` batches that each hold both sides, desirable first."""
+        sides = [[i for i in indices if examples[i].desirable], [i for i in indices if not examples[i].desirable]]
+        if parts > min(map(len, sides)):
+            raise ValueError(
+                f"{len(sides[0])} desirable and {len(sides[1])} undesirable responses cannot fill {parts} batches "
+                "that each need both: use fewer train.gradient_accumulation_steps or larger batches"
+            )
+        halves = (torch.tensor_split(torch.tensor(side), parts) for side in sides)
+        return [chosen.tolist() + rejected.tolist() for chosen, rejected in zip(*halves, strict=True)]
+
     def split_sides(self, indices: Sequence[int], parts: int) -> list[list[int]]:
         """`parts` micro-batches of a batch; unpaired ones keep both sides in every micro-batch."""
         if self.paired or self.stage == "sft":
             return [chunk.tolist() for chunk in torch.tensor_split(torch.tensor(indices), parts) if len(chunk)]
-        chosen = [i for i in indices if self.train_set[i].desirable]
-        rejected = [i for i in indices if not self.train_set[i].desirable]
-        if parts > min(len(chosen), len(rejected)):
-            raise ValueError(
-                f"train.gradient_accumulation_steps={parts} splits an unpaired batch of {len(chosen)} desirable and "
-                f"{len(rejected)} undesirable responses: each micro-batch needs both; use fewer steps or larger batches"
-            )
-        chunks = zip(torch.tensor_split(torch.tensor(chosen), parts), torch.tensor_split(torch.tensor(rejected), parts), strict=True)
-        return [c.tolist() + r.tolist() for c, r in chunks]
+        return self.balanced_parts(self.train_set, indices, parts)
 
     def eval_batches(self) -> list[list[int]]:
         """Held-out batches in a fixed order covering every example once (both sides in each)."""
         size, count = self.cfg.train.eval_batch_size, len(self.test_set)
-        if self.paired:
-            return [list(range(start, min(start + size, count))) for start in range(0, count, size)]
-        if self.stage == "sft":
-            desirable = [i for i, item in enumerate(self.test_set) if item.desirable]
-            return [desirable[start : start + size] for start in range(0, len(desirable), size)]
-        sides = ([i for i, e in enumerate(self.test_set) if e.desirable], [i for i, e in enumerate(self.test_set) if not e.desirable])
-        if not all(sides):
-            raise ValueError("the held-out split needs desirable and undesirable responses")
-        parts = max(1, min(math.ceil(count / size), *map(len, sides)))
-        chunks = zip(*(torch.tensor_split(torch.tensor(side), parts) for side in sides), strict=True)
-        return [c.tolist() + r.tolist() for c, r in chunks]
+        if self.paired or self.stage == "sft":
+            kept = [i for i in range(count) if self.paired or self.test_set[i].desirable]
+            return [kept[start : start + size] for start in range(0, len(kept), size)]
+        desirable = sum(item.desirable for item in self.test_set)
+        parts = max(1, min(math.ceil(count / size), desirable, count - desirable))
+        return self.balanced_parts(self.test_set, range(count), parts)
 
     # ----------------------------------------------------------------------------- log-probs
 
