@@ -553,6 +553,17 @@ class TokenizedPair:
     prompt: list[int]
     chosen: list[int]
     rejected: list[int]
+    augmented: TokenizedPair | None = None  # the pair on the self-refinement query p + x
+
+
+def augment(messages: Messages, sr_prompt: str) -> Messages:
+    """p + x: the self-refinement prompt prepended to the first user turn (before any chat template)."""
+    first = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
+    if first is None:
+        raise DataError("self-refinement prepends loss.sr_prompt to the first user turn, but this prompt has none")
+    augmented = [dict(m) for m in messages]
+    augmented[first]["content"] = f"{sr_prompt} {augmented[first]['content']}"
+    return augmented
 
 
 @dataclass(frozen=True)
@@ -596,14 +607,18 @@ class PairTokenizer:
       one, never two, and is truncated to `max_prompt_length` keeping its end (and its BOS).
     * Each response ends with the end-of-turn token (EOS) and is cut to fit `max_length`
       together with its prompt; a response cut short loses its EOS, since it did not end.
+    * With `sr_prompt` (self-refinement) each pair also gets its augmented twin: the same
+      responses after the prompt p + x, where truncation cuts the query just after p and
+      never p itself.
     """
 
-    def __init__(self, tokenizer, max_length: int, max_prompt_length: int):
+    def __init__(self, tokenizer, max_length: int, max_prompt_length: int, sr_prompt: str | None = None):
         if max_prompt_length >= max_length:
             raise ValueError(f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length})")
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length
+        self.sr_prompt = sr_prompt
         self.chat = bool(getattr(tokenizer, "chat_template", None))
         bos = tokenizer.bos_token_id
         self.bos = bos if bos is not None and tokenizer("a").input_ids[:1] == [bos] else None
@@ -628,13 +643,32 @@ class PairTokenizer:
         turns = "".join(f"{HUMAN if m['role'] == 'user' else ASSISTANT} {m['content']}" for m in messages)
         return turns + ASSISTANT
 
+    def strip_bos(self, ids: list[int]) -> list[int]:
+        while self.bos is not None and ids[:1] == [self.bos]:
+            ids = ids[1:]
+        return ids
+
     def encode_prompt(self, messages: Messages) -> list[int]:
-        ids = self.tokenizer(self.prompt_text(messages), add_special_tokens=False).input_ids
+        ids = self.strip_bos(self.tokenizer(self.prompt_text(messages), add_special_tokens=False).input_ids)
         if self.bos is not None:
-            while ids[:1] == [self.bos]:
-                ids = ids[1:]
             return [self.bos] + ids[-(self.max_prompt_length - 1) :]
         return ids[-self.max_prompt_length :]
+
+    def encode_augmented_prompt(self, messages: Messages) -> list[int]:
+        """The prompt p + x, cut (when too long) right after p so that p stays whole."""
+        text = self.prompt_text(augment(messages, self.sr_prompt))
+        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        p_end = text.index(self.sr_prompt) + len(self.sr_prompt)
+        ids, offsets = encoding.input_ids, encoding.offset_mapping
+        query_start = next(k for k, (start, _) in enumerate(offsets) if start >= p_end)
+        room = self.max_prompt_length - (self.bos is not None)
+        excess = len(self.strip_bos(ids)) - room
+        if excess > 0:
+            if query_start + excess >= len(ids):
+                raise ValueError(f"max_prompt_length={self.max_prompt_length} leaves no room for the query after loss.sr_prompt")
+            ids = ids[:query_start] + ids[query_start + excess :]
+        ids = self.strip_bos(ids)
+        return ([self.bos] if self.bos is not None else []) + ids
 
     def encode_response(self, text: str, room: int) -> list[int]:
         text = text if self.chat else " " + text
@@ -644,7 +678,13 @@ class PairTokenizer:
     def __call__(self, pair: PreferencePair) -> TokenizedPair:
         prompt = self.encode_prompt(pair.prompt)
         room = self.max_length - len(prompt)
-        return TokenizedPair(prompt, self.encode_response(pair.chosen, room), self.encode_response(pair.rejected, room))
+        chosen, rejected = self.encode_response(pair.chosen, room), self.encode_response(pair.rejected, room)
+        augmented = None
+        if self.sr_prompt:
+            augmented_prompt = self.encode_augmented_prompt(pair.prompt)
+            room = self.max_length - len(augmented_prompt)
+            augmented = TokenizedPair(augmented_prompt, chosen[:room], rejected[:room])
+        return TokenizedPair(prompt, chosen, rejected, augmented)
 
     def items(self, items: Sequence[LabelledResponse], seed: int) -> list[TokenizedResponse]:
         """Tokenize unpaired items; item i's mismatched response is that of the item after it in

@@ -146,6 +146,15 @@ def prepare_examples(cfg: DictConfig, examples: dict[str, list[Example]]) -> dic
     return {split: as_items(rows) for split, rows in examples.items()}
 
 
+def tokenize_examples(cfg: DictConfig, tokenizer, examples: dict[str, list[Example]]) -> dict[str, list]:
+    """Token ids of every example, once per run (with the augmented twins self-refinement needs)."""
+    sr_prompt = cfg.loss.sr_prompt if cfg.loss.get("sr_lambda") and cfg.loss.get("sr_delta") == "refined" else None
+    encode = PairTokenizer(tokenizer, cfg.max_length, cfg.max_prompt_length, sr_prompt)
+    if isinstance(examples["train"][0], PreferencePair):
+        return {split: [encode(pair) for pair in tqdm(rows, desc=f"tokenizing {split}")] for split, rows in examples.items()}
+    return {split: encode.items(rows, cfg.seed) for split, rows in examples.items()}
+
+
 def stages(cfg: DictConfig) -> list[str]:
     if cfg.loss.name == "sft":
         return ["sft"]
@@ -193,11 +202,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg)
     examples = prepare_examples(cfg, load_datasets(cfg.datasets, cfg.seed))
-    encode = PairTokenizer(tokenizer, cfg.max_length, cfg.max_prompt_length)
-    if isinstance(examples["train"][0], PreferencePair):
-        data = {split: [encode(pair) for pair in tqdm(rows, desc=f"tokenizing {split}")] for split, rows in examples.items()}
-    else:
-        data = {split: encode.items(rows, cfg.seed) for split, rows in examples.items()}
+    data = tokenize_examples(cfg, tokenizer, examples)
     embeddings = contrast_embeddings(cfg, examples)
     policy = load_policy(cfg, tokenizer).to("cuda" if torch.cuda.is_available() else "cpu")
     metrics = MetricsLog(run_dir / "metrics.jsonl", start_wandb(cfg, run_dir))

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import train
-from preference_datasets import PairTokenizer, collate, load_datasets
+from preference_datasets import collate, load_datasets
 from tests.conftest import ROOT
 from trainers.basic import TIMING_KEYS, BasicTrainer, MetricsLog
 from utils import response_logps
@@ -22,9 +22,7 @@ from utils import response_logps
 def build(cfg, tmp_path, stage="align"):
     """A trainer over the demo data with a freshly initialised tiny policy."""
     tokenizer = train.load_tokenizer(cfg)
-    pairs = load_datasets(cfg.datasets, cfg.seed)
-    encode = PairTokenizer(tokenizer, cfg.max_length, cfg.max_prompt_length)
-    data = {split: [encode(p) for p in pairs[split]] for split in pairs}
+    data = train.tokenize_examples(cfg, tokenizer, train.prepare_examples(cfg, load_datasets(cfg.datasets, cfg.seed)))
     policy = train.load_policy(cfg, tokenizer)
     metrics = MetricsLog(tmp_path / "metrics.jsonl")
     return BasicTrainer(cfg, stage, policy, tokenizer, data, tmp_path / stage, metrics)

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from preference_datasets import BalancedSampler, EpochSampler, TokenizedPair, collate, collate_items
-from trainers.losses import REWARDS, kto_loss, loss_setting, preference_loss, sft_loss
+from trainers.losses import REWARDS, kto_loss, loss_setting, preference_loss, rewards, sft_loss
 from utils import atomic_torch_save, response_logps, rng_state, set_rng_state, state_fingerprint, text_fingerprint
 
 OPTIMIZERS = {"rmsprop": torch.optim.RMSprop, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
@@ -102,6 +102,9 @@ class BasicTrainer:
         self.stage_dir, self.metrics, self.embeddings = stage_dir, metrics, embeddings
         self.paired = isinstance(self.train_set[0], TokenizedPair)
         self.kto = self.loss_cfg["name"] == "kto"
+        self.self_refined = stage == "align" and bool(self.loss_cfg.get("sr_lambda"))
+        if self.self_refined and not (self.paired and self.loss_cfg.get("sr_delta") in ("refined", "naive")):
+            raise ValueError("self-refinement (loss.sr_lambda) needs paired data and loss.sr_delta refined or naive")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.device = next(policy.parameters()).device
         self.reference_model, self.reference_logps = None, None
@@ -207,7 +210,9 @@ class BasicTrainer:
     def precomputed_reference_logps(self) -> dict[str, torch.Tensor]:
         """Reference log-probs of both splits, cached on disk by (weights, data, tokenization)."""
         data_key = text_fingerprint([astuple(e) for e in [*self.train_set, *self.test_set]], self.kto)
-        key = text_fingerprint(state_fingerprint(self.policy), data_key, self.cfg.max_length, self.cfg.max_prompt_length)
+        key = text_fingerprint(
+            state_fingerprint(self.policy), data_key, self.cfg.max_length, self.cfg.max_prompt_length, self.refines_on_augmented()
+        )
         path = Path(self.cfg.cache_dir) / "reference_logps" / f"{key}.pt"
         if path.exists():
             return torch.load(path, weights_only=True)
@@ -215,11 +220,21 @@ class BasicTrainer:
             "train": self.all_logps(self.policy, self.train_set, "reference log-probs (train)"),
             "test": self.all_logps(self.policy, self.test_set, "reference log-probs (test)"),
         }
+        if self.refines_on_augmented():
+            for split, examples in (("train", self.train_set), ("test", self.test_set)):
+                augmented = [e.augmented for e in examples]
+                logps[f"{split}/augmented"] = self.all_logps(self.policy, augmented, f"reference log-probs ({split}, p + x)")
         atomic_torch_save(logps, path)
         return logps
 
+    def refines_on_augmented(self) -> bool:
+        return self.self_refined and self.loss_cfg["sr_delta"] == "refined"
+
     def reference_batch_logps(self, batch: Mapping, split: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The reference's `pair_logps` of the batch (None, None when the loss is reference-free)."""
+        """The reference's `pair_logps` of the batch (None, None when the loss is reference-free).
+
+        `split` names the cached table (`train`, `test`, `train/augmented`, `test/augmented`).
+        """
         if self.reference_logps is not None:
             rows = self.reference_logps[split][batch["index"]].to(self.device)
             return rows[:, 0], rows[:, 1]
@@ -236,6 +251,27 @@ class BasicTrainer:
             return {"chosen_embeddings": chosen[batch["index"]], "rejected_embeddings": rejected[batch["index"]]}
         index = batch["index"]
         return {"chosen_embeddings": chosen[index[desirable.cpu()]], "rejected_embeddings": rejected[index[~desirable.cpu()]]}
+
+    # ----------------------------------------------------------------------------- self-refinement
+
+    def self_refinement_margin(
+        self, logps: torch.Tensor, counts: torch.Tensor, reference: tuple, batch: Mapping, split: str
+    ) -> torch.Tensor:
+        """Delta per pair: the policy's own reward difference, detached, on the augmented query p + x
+        (`sr_delta=refined`: one extra no-grad forward) or on x itself (`naive`: this batch's
+        log-probs and `reference`, the reference log-probs of the batch)."""
+        beta = float(self.loss_cfg["beta"])
+        kind = loss_setting(self.loss_cfg, "reward", REWARDS)
+        if self.refines_on_augmented():
+            examples = self.train_set if split == "train" else self.test_set
+            augmented = collate([examples[i].augmented for i in batch["index"].tolist()], batch["index"].tolist(), self.pad_id)
+            with torch.no_grad():
+                logps, counts = self.logps(self.policy, augmented)
+            reference = self.reference_batch_logps(augmented, f"{split}/augmented")
+        chosen, rejected = logps.detach().view(2, -1)
+        chosen_lengths, rejected_lengths = counts.view(2, -1)
+        chosen_reward = rewards(kind, beta, chosen, reference[0], chosen_lengths, "chosen")
+        return chosen_reward - rewards(kind, beta, rejected, reference[1], rejected_lengths, "rejected")
 
     # ----------------------------------------------------------------------------- losses
 
@@ -261,6 +297,15 @@ class BasicTrainer:
             chosen_lengths, rejected_lengths = counts[desirable], counts[~desirable]
             reference_chosen = None if reference_first is None else reference_first[desirable]
             reference_rejected = None if reference_first is None else reference_first[~desirable]
+        margin = None
+        if self.self_refined:
+            margin = self.self_refinement_margin(logps, counts, (reference_first, reference_second), batch, split)
+        if margin is not None:
+            stats.update({
+                "sr/delta_mean": margin.mean().item(),
+                "sr/delta_std": margin.std().item() if len(margin) > 1 else 0.0,
+                "sr/accuracy_augmented": (margin > 0).float().mean().item(),  # the policy's judgement on p + x
+            })
         if self.kto:
             with torch.no_grad():
                 policy_kl_logps = self.logps(self.policy, batch["mismatched"])[0]
@@ -277,6 +322,7 @@ class BasicTrainer:
                 chosen_lengths,
                 rejected_lengths,
                 **self.batch_embeddings(batch, split, desirable),
+                margin=margin,
             )
         # paired: each pair's own comparison; unpaired: every chosen response against every rejected one
         wins = chosen_rewards > rejected_rewards if self.paired else chosen_rewards.unsqueeze(1) > rejected_rewards.unsqueeze(0)

@@ -36,6 +36,8 @@ PRESETS: dict[str, dict[str, object]] = {
     "rpo_uniform": {"weighting": "uniform", "link": "sigmoid", "reward": "log_ratio"},
     "rpo_diagonal": {"weighting": "diagonal_emphasis", "link": "sigmoid", "reward": "log_ratio"},
     "rpo_simpo": {"weighting": "embedding", "link": "sigmoid", "reward": "length_normalized"},
+    "sr_dpo": {"weighting": "diagonal", "link": "sigmoid", "reward": "log_ratio"},
+    "sr_ipo": {"weighting": "diagonal", "link": "ipo", "reward": "mean_log_ratio"},
 }
 WEIGHTINGS = ("diagonal", "uniform", "diagonal_emphasis", "embedding")
 LINKS = ("sigmoid", "ipo")
@@ -130,7 +132,7 @@ def margin_shift(cfg: Mapping, beta: float, link: str, margin: torch.Tensor | No
     For the sigmoid link the shift is on the reward scale (beta * h - gamma - lambda * Delta);
     for the IPO link on the log-ratio scale (h - lambda * Delta - 1/(2 beta)), as Sr-IPO writes it.
     """
-    shift = torch.zeros(rows, 1)
+    shift = torch.zeros(rows, 1, dtype=torch.float64)  # cast to the rewards' dtype by the caller
     gamma_beta_ratio = cfg.get("gamma_beta_ratio")
     if gamma_beta_ratio:
         gamma = float(gamma_beta_ratio) * beta
@@ -138,7 +140,7 @@ def margin_shift(cfg: Mapping, beta: float, link: str, margin: torch.Tensor | No
     if margin is not None:
         if margin.shape != (rows,):
             raise ValueError(f"margin must have one value per chosen response ({rows}), got shape {tuple(margin.shape)}")
-        shift = shift.to(margin) + float(_require(cfg, "sr_lambda")) * margin.detach().unsqueeze(1)
+        shift = shift.to(margin.device) + float(_require(cfg, "sr_lambda")) * margin.detach().unsqueeze(1)
     return shift
 
 
