@@ -300,7 +300,6 @@ class BasicTrainer:
         margin = None
         if self.self_refined:
             margin = self.self_refinement_margin(logps, counts, (reference_first, reference_second), batch, split)
-        if margin is not None:
             stats.update({
                 "sr/delta_mean": margin.mean().item(),
                 "sr/delta_std": margin.std().item() if len(margin) > 1 else 0.0,
@@ -309,8 +308,8 @@ class BasicTrainer:
         if self.kto:
             with torch.no_grad():
                 policy_kl_logps = self.logps(self.policy, batch["mismatched"])[0]
-            loss, rewards, kl = kto_loss(logps, reference_first, desirable, policy_kl_logps, reference_second, self.loss_cfg)
-            chosen_rewards, rejected_rewards = rewards[desirable], rewards[~desirable]
+            loss, item_rewards, kl = kto_loss(logps, reference_first, desirable, policy_kl_logps, reference_second, self.loss_cfg)
+            chosen_rewards, rejected_rewards = item_rewards[desirable], item_rewards[~desirable]
             stats["kl"] = kl.item()
         else:
             loss, chosen_rewards, rejected_rewards = preference_loss(
