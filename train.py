@@ -141,6 +141,10 @@ def prepare_examples(cfg: DictConfig, examples: dict[str, list[Example]]) -> dic
     paired = cfg.loss.get("paired", True) and not (cfg.loss.name == "sft" and has_unpaired)
     if cfg.loss.name == "kto" and paired:
         raise ConfigError("loss=kto judges responses one at a time: it needs loss.paired=false")
+    if not paired and cfg.loss.name not in ("sft", "kto"):
+        weighting = loss_setting(OmegaConf.to_container(cfg.loss), "weighting", WEIGHTINGS)
+        if weighting in ("diagonal", "diagonal_emphasis"):
+            raise ConfigError(f"loss.weighting={weighting} contrasts the two responses of one prompt: it needs loss.paired=true")
     if paired:
         return {split: require_pairs(rows, cfg.loss.name) for split, rows in examples.items()}
     return {split: as_items(rows) for split, rows in examples.items()}

@@ -97,6 +97,8 @@ def test_paired_losses_refuse_single_responses(make_cfg):
     single = {"train": [LabelledResponse([{"role": "user", "content": "q"}], "a", True, "kto_jsonl")], "test": []}
     with pytest.raises(DataError, match=r"datasets \['kto_jsonl'\] hold single labelled responses: use loss=rpo_unpaired"):
         train.prepare_examples(make_cfg("loss=rpo"), single)
+    with pytest.raises(train.ConfigError, match="loss.weighting=diagonal contrasts the two responses of one prompt"):
+        train.prepare_examples(make_cfg("loss=dpo", "loss.paired=false"), single)
     with pytest.raises(train.ConfigError, match="loss=kto .* needs loss.paired=false"):
         train.prepare_examples(make_cfg("loss=kto", "loss.paired=true"), single)
 
