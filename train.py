@@ -199,6 +199,8 @@ def report(results: dict, run_dir: Path, final_model: Path, loss_name: str) -> d
 
 def run(cfg: DictConfig, output_dir: Path) -> dict:
     """Run every stage of the config in `output_dir` (or in the run being resumed); return the summary."""
+    if cfg.trainer not in TRAINERS:
+        raise ConfigError(f"trainer={cfg.trainer}: choose one of {', '.join(TRAINERS)}")
     run_dir = resolve_run_dir(cfg, output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not (run_dir / "config.yaml").exists():

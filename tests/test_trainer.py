@@ -170,6 +170,8 @@ def test_sft_only_and_alignment_from_an_archive(make_cfg, tmp_path):
     assert summary["final_model"] == str(archive) and not (tmp_path / "sft_run" / "align").exists()
     summary = train.run(make_cfg("loss=ipo", f"model.archive={archive}", "sft.enabled=false"), tmp_path / "ipo_run")
     assert list(summary["stages"]) == ["align"]
+    with pytest.raises(train.ConfigError, match="trainer=nope: choose one of basic"):
+        train.run(make_cfg("trainer=nope"), tmp_path / "bad")
     with pytest.raises(train.ConfigError, match="model.archive=/nowhere: not a Hugging Face model folder"):
         train.run(make_cfg("model.archive=/nowhere", "sft.enabled=false"), tmp_path / "bad")
 
