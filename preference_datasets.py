@@ -91,19 +91,6 @@ def hh_pairs(rows: Sequence[Mapping], origin: str) -> tuple[list[PreferencePair]
     return pairs, skipped
 
 
-def _read_jsonl_gz(path: Path) -> list[dict]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    rows = []
-    with opener(path, "rt") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise DataError(f"{path}, line {line_number}: invalid JSON ({error.msg})") from error
-    return rows
-
-
 def load_hh(options: Mapping, seed: int) -> dict[str, list[PreferencePair]]:
     """HH-RLHF from the hub (`Anthropic/hh-rlhf`) or a local folder of the original files.
 
@@ -121,7 +108,7 @@ def load_hh(options: Mapping, seed: int) -> dict[str, list[PreferencePair]]:
         for split in SPLITS:
             for file in sorted(root.glob(f"*/{split}.jsonl.gz")):
                 if file.parent.name in subsets:
-                    pairs, dropped = hh_pairs(_read_jsonl_gz(file), str(file))
+                    pairs, dropped = hh_pairs([row for _, row in read_records(file)], str(file))
                     splits[split] += pairs
                     skipped += dropped
         if not splits["test"] and not splits["train"]:
@@ -173,29 +160,17 @@ def _as_response(value: object, where: str, key: str) -> str:
 
 def read_pairs_jsonl(path: Path) -> list[PreferencePair]:
     """Records with `prompt`, `chosen`, `rejected`: strings or chat-message lists."""
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
     pairs = []
-    with open(path) as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {line_number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{where}: invalid JSON ({error.msg})") from error
-            missing = {"prompt", "chosen", "rejected"} - record.keys()
-            if missing:
-                raise DataError(f"{where}: missing key(s) {sorted(missing)}")
-            pairs.append(
-                PreferencePair(
-                    _as_prompt(record["prompt"], where),
-                    _as_response(record["chosen"], where, "chosen"),
-                    _as_response(record["rejected"], where, "rejected"),
-                    "jsonl",
-                )
+    for where, record in read_records(path):
+        _require(record, {"prompt", "chosen", "rejected"}, where)
+        pairs.append(
+            PreferencePair(
+                _as_prompt(record["prompt"], where),
+                _as_response(record["chosen"], where, "chosen"),
+                _as_response(record["rejected"], where, "rejected"),
+                "jsonl",
             )
+        )
     return pairs
 
 

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -243,10 +243,3 @@ def atomic_torch_save(obj: object, path: Path) -> None:
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
-
-
-def read_jsonl(path: Path) -> Iterator[dict]:
-    with open(path) as handle:
-        for line in handle:
-            if line.strip():
-                yield json.loads(line)
