@@ -101,6 +101,13 @@ def load_policy(cfg: DictConfig, tokenizer) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(resolve_model_path(model.name_or_path, cfg.cache_dir), dtype=dtype)
 
 
+def loss_weighting(cfg: DictConfig) -> str | None:
+    """The contrast weighting of the configured loss; None for SFT and KTO, which have no contrast."""
+    if cfg.loss.name in ("sft", "kto"):
+        return None
+    return loss_setting(OmegaConf.to_container(cfg.loss), "weighting", WEIGHTINGS)
+
+
 def prompt_text(example: Example) -> str:
     return "\n".join(message["content"] for message in example.prompt)
 
@@ -112,7 +119,7 @@ def contrast_embeddings(cfg: DictConfig, examples: dict[str, list]) -> dict[str,
     `prompt_response` embeds each response with its prompt (the RPO paper's ablation). Unpaired
     items have one side: the same table serves both.
     """
-    if cfg.loss.name in ("sft", "kto") or loss_setting(OmegaConf.to_container(cfg.loss), "weighting", WEIGHTINGS) != "embedding":
+    if loss_weighting(cfg) != "embedding":
         return None
     model, kind = cfg.loss.embedding.model, cfg.loss.embedding.input
     if kind not in ("prompt", "prompt_response"):
@@ -141,10 +148,8 @@ def prepare_examples(cfg: DictConfig, examples: dict[str, list[Example]]) -> dic
     paired = cfg.loss.get("paired", True) and not (cfg.loss.name == "sft" and has_unpaired)
     if cfg.loss.name == "kto" and paired:
         raise ConfigError("loss=kto judges responses one at a time: it needs loss.paired=false")
-    if not paired and cfg.loss.name not in ("sft", "kto"):
-        weighting = loss_setting(OmegaConf.to_container(cfg.loss), "weighting", WEIGHTINGS)
-        if weighting in ("diagonal", "diagonal_emphasis"):
-            raise ConfigError(f"loss.weighting={weighting} contrasts the two responses of one prompt: it needs loss.paired=true")
+    if not paired and loss_weighting(cfg) in ("diagonal", "diagonal_emphasis"):
+        raise ConfigError(f"loss.weighting={loss_weighting(cfg)} contrasts the two responses of one prompt: it needs loss.paired=true")
     if paired:
         return {split: require_pairs(rows, cfg.loss.name) for split, rows in examples.items()}
     return {split: as_items(rows) for split, rows in examples.items()}
