@@ -20,6 +20,7 @@ import math
 import os
 import socket
 import warnings
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -82,7 +83,8 @@ class FSDPTrainer(BasicTrainer):
         if not blocks:
             present = sorted({type(module).__name__ for module in model.modules() if type(module).__name__.endswith("Layer")})
             raise ConfigError(f"model.block_name={name}: {type(model).__name__} has no such module (it has {', '.join(present)})")
-        if self.cfg.fsdp.activation_checkpointing and any(p.requires_grad for p in model.parameters()):
+        frozen = not any(parameter.requires_grad for parameter in model.parameters())
+        if self.cfg.fsdp.activation_checkpointing and not frozen:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         mesh = init_device_mesh(self.device.type, (self.world_size,))
         for block in blocks:  # cast block by block: the host never holds a second full copy
@@ -90,12 +92,28 @@ class FSDPTrainer(BasicTrainer):
         for parameter in model.parameters():
             if not isinstance(parameter, DTensor):
                 parameter.data = parameter.data.float()  # in place: tied embeddings stay tied
-        fully_shard(model, mesh=mesh, mp_policy=precision)
+        # a frozen model has no backward to keep the root's gathered weights for
+        fully_shard(model, mesh=mesh, mp_policy=precision, reshard_after_forward=True if frozen else None)
         # The loop scores sequences with `response_logps` (backbone, then the LM head on response
         # positions only), not `forward`: FSDP must gather the root's weights around it too.
         model.response_logps = partial(response_logps, model)
         register_fsdp_forward_method(model, "response_logps")
         return model
+
+    def all_logps(self, model: torch.nn.Module, examples: Sequence, desc: str) -> torch.Tensor:
+        try:
+            return super().all_logps(model, examples, desc)
+        finally:
+            model.reshard()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        try:
+            return super().evaluate()
+        finally:
+            # the root module keeps its gathered weights after a forward (training needs them
+            # again at once); the optimizer and checkpoints must see the sharded ones
+            self.policy.reshard()
 
     def logps(self, model: torch.nn.Module, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
         return model.response_logps(*(batch[key].to(self.device) for key in ("input_ids", "attention_mask", "labels")))
@@ -182,7 +200,16 @@ class FSDPTrainer(BasicTrainer):
         """The full weights on rank 0 (in `model.dtype`), gathered from every process."""
         state = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         dtype = getattr(torch, self.cfg.model.dtype)
-        return {key: value.to(dtype) for key, value in state.items()}
+        state = {key: value.to(dtype) for key, value in state.items()}
+        # (an empty dict on the other ranks.) Tied weights (embeddings = LM head) come back as
+        # separate copies: alias them again so that save_pretrained writes one, as unsharded
+        names = defaultdict(list)
+        for name, parameter in self.policy.named_parameters(remove_duplicate=False):
+            names[id(parameter)].append(name)
+        for first, *aliases in names.values():
+            for alias in aliases if first in state else ():
+                state[alias] = state[first]
+        return state
 
     def save_training_state(self, staging: Path) -> dict:
         """The sharded fp32 weights and optimizer state, each process writing its own shard."""
