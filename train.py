@@ -198,7 +198,8 @@ def tokenize_examples(cfg: DictConfig, tokenizer, examples: dict[str, list[Examp
     sr_prompt = cfg.loss.sr_prompt if cfg.loss.get("sr_lambda") and cfg.loss.get("sr_delta") == "refined" else None
     encode = PairTokenizer(tokenizer, cfg.max_length, cfg.max_prompt_length, sr_prompt)
     if isinstance(examples["train"][0], PreferencePair):
-        return {split: [encode(pair) for pair in tqdm(rows, desc=f"tokenizing {split}")] for split, rows in examples.items()}
+        quiet = not is_main_process()
+        return {split: [encode(pair) for pair in tqdm(rows, desc=f"tokenizing {split}", disable=quiet)] for split, rows in examples.items()}
     return {split: encode.items(rows, cfg.seed) for split, rows in examples.items()}
 
 
