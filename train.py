@@ -288,6 +288,9 @@ def run_process(cfg: DictConfig, output_dir: Path) -> None:
         raise
     finally:
         if distributed():
+            sys.stdout.flush()
+            sys.stderr.flush()
+            torch.distributed.barrier()  # no process tears the group down while another still uses it
             torch.distributed.destroy_process_group()
 
 
