@@ -218,6 +218,8 @@ class FSDPTrainer(BasicTrainer):
         return {"world_size": self.world_size}
 
     def load_training_state(self, folder: Path, state: Mapping) -> None:
+        if state["world_size"] != self.world_size and is_main_process():
+            print(f"{folder} was written by {state['world_size']} processes: resharding it over {self.world_size}")
         model_state, optimizer_state = get_state_dict(self.policy, self.optimizer)
         sharded = {"model": model_state, "optimizer": optimizer_state}
         dcp.load(sharded, checkpoint_id=folder / "sharded")
