@@ -54,15 +54,15 @@ class FSDPTrainer(BasicTrainer):
     def launch(cls, cfg: DictConfig) -> torch.device:
         """Join torchrun's process group (NCCL for CUDA tensors, gloo for CPU ones); a plain
         `python train.py trainer=fsdp` runs as a group of one."""
-        if not dist.is_initialized():
-            if "RANK" not in os.environ:
-                os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-            dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+        if not dist.is_initialized() and "RANK" not in os.environ:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        device = torch.device("cpu")
         if torch.cuda.is_available():
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            torch.cuda.set_device(local)
-            return torch.device("cuda", local)
-        return torch.device("cpu")
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)  # before the group starts, so NCCL binds this GPU
+        if not dist.is_initialized():
+            dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
+        return device
 
     def __init__(self, cfg: DictConfig, stage: str, policy: torch.nn.Module, *args, **kwargs):
         self.rank, self.world_size = rank(), world_size()
