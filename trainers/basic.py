@@ -146,7 +146,7 @@ class BasicTrainer:
         self.policy = self.wrap_model(policy)
         self.reference_model = self.wrap_model(frozen) if frozen is not None else None
         self.reference_logps = self.precomputed_reference_logps(weights_key) if precompute else None
-        self.optimizer = OPTIMIZERS[cfg.train.optimizer](policy.parameters(), lr=self.stage_cfg.lr)
+        self.optimizer = OPTIMIZERS[cfg.train.optimizer](self.policy.parameters(), lr=self.stage_cfg.lr)
         warmup = self.stage_cfg.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
         self.step = self.examples = 0
