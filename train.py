@@ -285,12 +285,14 @@ def run_process(cfg: DictConfig, output_dir: Path) -> None:
         if distributed():  # name the process: the launcher interleaves every process's output
             print(f"[rank {rank()} of {world_size()}] {type(error).__name__}: {error}", file=sys.stderr, flush=True)
             error.add_note(f"raised on rank {rank()} of {world_size()}")
-        raise
-    finally:
+        raise  # no barrier: the others may be waiting in another collective; the launcher stops them
+    else:
         if distributed():
             sys.stdout.flush()
             sys.stderr.flush()
             torch.distributed.barrier()  # no process tears the group down while another still uses it
+    finally:
+        if distributed():
             torch.distributed.destroy_process_group()
 
 
