@@ -15,7 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach for the hub
 
-from utils import resolve_model_path  # noqa: E402
+import train  # noqa: E402
+from preference_datasets import load_datasets  # noqa: E402
+from trainers.basic import MetricsLog  # noqa: E402
+from utils import main_process_first, resolve_model_path  # noqa: E402
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -31,6 +34,18 @@ TINY_OVERRIDES = [
     "sft.lr=1e-3",
     "align.lr=1e-3",
 ]
+
+
+def build(cfg, folder: Path, stage: str = "align"):
+    """A trainer of `cfg.trainer` over the configured data with a freshly initialised policy."""
+    with main_process_first():
+        tokenizer = train.load_tokenizer(cfg)
+    examples = train.prepare_examples(cfg, load_datasets(cfg.datasets, cfg.seed))
+    data = train.tokenize_examples(cfg, tokenizer, examples)
+    policy = train.load_policy(cfg, tokenizer)
+    metrics = MetricsLog(folder / "metrics.jsonl")
+    trainer_class = train.TRAINERS[cfg.trainer]
+    return trainer_class(cfg, stage, policy, tokenizer, data, folder / stage, metrics, train.contrast_embeddings(cfg, examples))
 
 
 @pytest.fixture(scope="session")

@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from pathlib import Path
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import train
-from preference_datasets import load_datasets
-from trainers.basic import MetricsLog
 from trainers.fsdp import free_port
-from utils import main_process_first
 
 
 def spawn(job: Callable, world: int, *args) -> None:
@@ -31,14 +26,3 @@ def _process(rank: int, world: int, port: int, job: Callable, args: tuple) -> No
     finally:
         dist.destroy_process_group()
 
-
-def build(cfg, folder: Path, stage: str = "align"):
-    """A trainer of `cfg.trainer` over the configured data with a freshly initialised policy."""
-    with main_process_first():
-        tokenizer = train.load_tokenizer(cfg)
-    examples = train.prepare_examples(cfg, load_datasets(cfg.datasets, cfg.seed))
-    data = train.tokenize_examples(cfg, tokenizer, examples)
-    policy = train.load_policy(cfg, tokenizer)
-    metrics = MetricsLog(folder / "metrics.jsonl")
-    trainer_class = train.TRAINERS[cfg.trainer]
-    return trainer_class(cfg, stage, policy, tokenizer, data, folder / stage, metrics, train.contrast_embeddings(cfg, examples))

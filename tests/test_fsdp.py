@@ -24,9 +24,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import train
-from tests.conftest import ROOT
-from tests.distributed import build, spawn
-from trainers.basic import TIMING_KEYS, BasicTrainer, load_weights
+from tests.conftest import ROOT, build
+from tests.distributed import spawn
+from tests.test_trainer import Interrupt, without_timing
+from trainers.basic import BasicTrainer, load_weights
 from trainers.fsdp import FSDPTrainer
 from utils import ConfigError, is_main_process
 
@@ -136,10 +137,6 @@ def test_reference_log_probs_are_computed_sharded_and_merged(fsdp_results, make_
     ) < batches  # each process ran its half (rounded up), not all of them
 
 
-class Interrupt(Exception):
-    pass
-
-
 def resume_job(cfg, folder: Path) -> None:
     """A straight run, a run interrupted after 3 alignment steps, and its resumption, as the
     launcher would run them (rank 1's Hydra directory named by its own clock)."""
@@ -210,11 +207,6 @@ def test_fsdp_run_resumes_exactly_and_writes_hugging_face_models(make_cfg, tmp_p
     for key in straight:
         torch.testing.assert_close(alone[key], straight[key], rtol=1e-5, atol=1e-6)
     assert max((straight[key] - sft[key]).abs().max() for key in straight) > 1e-4  # alignment moved the weights
-
-
-def without_timing(path: Path) -> list[dict]:
-    records = [json.loads(line) for line in path.read_text().splitlines()]
-    return [{key: value for key, value in record.items() if key not in TIMING_KEYS} for record in records]
 
 
 def torchrun(tmp_path, cache, *overrides) -> subprocess.CompletedProcess:

@@ -11,9 +11,8 @@ import torch
 
 import train
 from preference_datasets import PairTokenizer, PreferencePair, augment, collate
-from tests.conftest import ROOT
+from tests.conftest import ROOT, build
 from tests.test_contrast_losses import batch
-from tests.test_trainer import build
 from trainers.losses import preference_loss
 
 SR_DPO = {"name": "sr_dpo", "beta": 0.1, "sr_lambda": 0.5}

@@ -13,19 +13,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import train
-from preference_datasets import collate, load_datasets
-from tests.conftest import ROOT
-from trainers.basic import TIMING_KEYS, BasicTrainer, MetricsLog
+from preference_datasets import collate
+from tests.conftest import ROOT, build
+from trainers.basic import TIMING_KEYS, BasicTrainer
 from utils import response_logps
-
-
-def build(cfg, tmp_path, stage="align"):
-    """A trainer over the demo data with a freshly initialised tiny policy."""
-    tokenizer = train.load_tokenizer(cfg)
-    data = train.tokenize_examples(cfg, tokenizer, train.prepare_examples(cfg, load_datasets(cfg.datasets, cfg.seed)))
-    policy = train.load_policy(cfg, tokenizer)
-    metrics = MetricsLog(tmp_path / "metrics.jsonl")
-    return BasicTrainer(cfg, stage, policy, tokenizer, data, tmp_path / stage, metrics)
 
 
 def test_response_logps_equal_full_vocabulary_log_softmax(make_cfg, tmp_path):
