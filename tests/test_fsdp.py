@@ -67,7 +67,7 @@ def steps_job(configs: dict, folder: Path) -> None:
         records = [trainer.train_step(trainer.sampler.take(cfg.train.batch_size)) for _ in range(STEPS)]
         results[name] = {
             "records": records,
-            "weights": trainer.exported_state(),
+            "weights": trainer.exported_state(final=True),
             "reference": trainer.reference_logps,
             "reference_batches": counted["batches"],
         }

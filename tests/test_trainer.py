@@ -196,3 +196,23 @@ def test_wandb_offline_needs_no_account(make_cfg, tmp_path, monkeypatch):
     train.run(make_cfg("wandb.enabled=true", "sft.max_examples=4", "align.max_examples=4"), tmp_path / "run")
     logs = list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(logs) == 1 and logs[0].stat().st_size > 0
+
+
+def test_bf16_model_trains_fp32_master_weights_with_bf16_compute(make_cfg, tmp_path):
+    """model.dtype=bfloat16 (the 7B presets): at lr 5e-7 a bf16 weight of scale 0.02 would round most
+    RMSprop updates away; the parameters and optimizer state are fp32, the forward runs in bf16."""
+    cfg = make_cfg("loss=dpo", "model.dtype=bfloat16", "align.lr=5e-7", "align.warmup_steps=0")
+    trainer = build(cfg, tmp_path)
+    before = {name: p.detach().clone() for name, p in trainer.policy.named_parameters()}
+    matmul_dtypes = set()
+    trainer.policy.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, out: matmul_dtypes.add(out.dtype))
+    for _ in range(3):
+        trainer.train_step(trainer.sampler.take(4))
+    changed = sum(int((p.detach() != before[n]).sum()) for n, p in trainer.policy.named_parameters())
+    assert changed / sum(p.numel() for p in before.values()) > 0.9
+    assert matmul_dtypes == {torch.bfloat16} and all(p.dtype == torch.float32 for p in before.values())
+    assert all(v.dtype == torch.float32 for state in trainer.optimizer.state.values() for v in state.values() if v.ndim)
+    trainer.save_final({}, {})
+    assert {t.dtype for t in load_file(trainer.stage_dir / "final" / "model.safetensors").values()} == {torch.bfloat16}
+    checkpoint_state = trainer.exported_state(final=False)  # checkpoints keep the master weights
+    assert checkpoint_state is None and trainer.policy.model.embed_tokens.weight.dtype == torch.float32

@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import time
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import astuple
 from pathlib import Path
@@ -87,6 +88,19 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
     model.tie_weights()
 
 
+def cast_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """`state` in `dtype`, with tied parameters (embeddings = LM head) one tensor again, so that
+    `save_pretrained` writes them once, as it does for the model itself."""
+    names = defaultdict(list)
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names[id(parameter)].append(name)
+    cast = {key: value.to(dtype) for key, value in state.items()}
+    for first, *aliases in names.values():
+        for alias in aliases if first in cast else ():
+            cast[alias] = cast[first]
+    return cast
+
+
 class BasicTrainer:
     """Runs one stage: evaluation at the start, the training loop, checkpoints, the final model.
 
@@ -137,11 +151,13 @@ class BasicTrainer:
             raise ValueError("self-refinement (loss.sr_lambda) needs paired data and loss.sr_delta refined or naive")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.device = self.launch(cfg)
+        self.compute_dtype = self.compute_precision()
         self.sampler = self.build_sampler()
         self.total_examples = self.planned_examples()
         needs_reference = stage == "align" and (self.kto or loss_setting(self.loss_cfg, "reward", REWARDS) != "length_normalized")
         precompute = needs_reference and cfg.reference.precompute
         weights_key = on_main_process(lambda: state_fingerprint(policy)) if precompute else None
+        # the frozen reference keeps model.dtype: it has no optimizer, and its weights are those of the policy
         frozen = copy.deepcopy(policy).eval().requires_grad_(False) if needs_reference and not precompute else None
         self.policy = self.wrap_model(policy)
         self.reference_model = self.wrap_model(frozen) if frozen is not None else None
@@ -151,9 +167,20 @@ class BasicTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
         self.step = self.examples = 0
 
+    def compute_precision(self) -> torch.dtype:
+        """The dtype of the forward and backward passes: `model.dtype`. The trained parameters and
+        the optimizer state are float32 whatever it is (master weights): at alignment learning rates
+        (5e-7) most RMSprop updates of a bfloat16 weight would round away."""
+        dtype = getattr(torch, self.cfg.model.dtype)
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ConfigError(f"model.dtype={self.cfg.model.dtype}: trainer={self.cfg.trainer} computes in bfloat16 or float32")
+        return dtype
+
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The model as this trainer runs it: here, moved to the device."""
-        return model.to(self.device)
+        """The model as this trainer runs it: moved to the device; a trained one in float32 (master
+        weights, cast to `compute_dtype` by autocast in each forward), a frozen one as it is."""
+        trained = any(parameter.requires_grad for parameter in model.parameters())
+        return model.to(self.device, dtype=torch.float32) if trained else model.to(self.device)
 
     def planned_examples(self) -> int:
         """How many training examples the stage runs: its epochs, capped by `max_examples`."""
@@ -231,13 +258,11 @@ class BasicTrainer:
     # ----------------------------------------------------------------------------- log-probs
 
     def logps(self, model: torch.nn.Module, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed response log-probs and token counts of every sequence of the batch, one forward."""
-        return response_logps(
-            model,
-            batch["input_ids"].to(self.device),
-            batch["attention_mask"].to(self.device),
-            batch["labels"].to(self.device),
-        )
+        """Summed response log-probs and token counts of every sequence of the batch, one forward
+        in `compute_dtype` (the log-softmax itself in float32)."""
+        inputs = (batch[key].to(self.device) for key in ("input_ids", "attention_mask", "labels"))
+        with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32):
+            return response_logps(model, *inputs)
 
     def pair_logps(self, model: torch.nn.Module, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs of the batch's two sequence sets: (chosen, rejected) of pairs; for unpaired
@@ -267,7 +292,8 @@ class BasicTrainer:
     def precomputed_reference_logps(self, weights_key: str) -> dict[str, torch.Tensor]:
         """Reference log-probs of both splits, cached on disk by (weights, data, tokenization)."""
         data_key = text_fingerprint([astuple(e) for e in [*self.train_set, *self.test_set]], self.kto)
-        key = text_fingerprint(weights_key, data_key, self.cfg.max_length, self.cfg.max_prompt_length, self.refines_on_augmented())
+        settings = (self.cfg.max_length, self.cfg.max_prompt_length, self.refines_on_augmented(), str(self.compute_dtype))
+        key = text_fingerprint(weights_key, data_key, *settings)
         return load_or_compute(Path(self.cfg.cache_dir) / "reference_logps" / f"{key}.pt", self.reference_tables)
 
     def reference_tables(self) -> dict[str, torch.Tensor]:
@@ -517,9 +543,9 @@ class BasicTrainer:
 
     # ----------------------------------------------------------------------------- checkpoints
 
-    def stage_model(self, folder: Path) -> Path:
+    def stage_model(self, folder: Path, final: bool) -> Path:
         """Write an HF-format folder (weights, config, tokenizer) beside `folder`, to be swapped in."""
-        state = self.exported_state()
+        state = self.exported_state(final)
         staging = folder.with_name(folder.name + ".tmp")
         if is_main_process():
             shutil.rmtree(staging, ignore_errors=True)
@@ -528,13 +554,15 @@ class BasicTrainer:
         barrier()
         return staging
 
-    def exported_state(self) -> dict[str, torch.Tensor] | None:
-        """The weights `save_pretrained` writes (None: the model's own state dict)."""
-        return None
+    def exported_state(self, final: bool) -> dict[str, torch.Tensor] | None:
+        """The weights `save_pretrained` writes (None: the model's own state dict): a final model in
+        `model.dtype`, a checkpoint in float32, the master weights that resume continues from."""
+        dtype = getattr(torch, self.cfg.model.dtype)
+        return cast_state_dict(self.policy, self.policy.state_dict(), dtype) if final and dtype != torch.float32 else None
 
     def save_checkpoint(self, initial_eval: Mapping) -> None:
         """Weights + trainer state (optimizer, scheduler, position, RNG), swapped in atomically."""
-        staging = self.stage_model(self.stage_dir / "checkpoint")
+        staging = self.stage_model(self.stage_dir / "checkpoint", final=False)
         state = {
             **self.save_training_state(staging),
             "scheduler": self.scheduler.state_dict(),
@@ -595,7 +623,7 @@ class BasicTrainer:
             "examples": self.examples,
             "metrics_offset": self.metrics.offset(),
         }
-        staging = self.stage_model(self.stage_dir / "final")
+        staging = self.stage_model(self.stage_dir / "final", final=True)
         if is_main_process():
             (staging / "result.json").write_text(json.dumps(result, indent=2))
             self.swap_into_place(staging, self.stage_dir / "final")

@@ -20,7 +20,6 @@ import math
 import os
 import socket
 import warnings
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -35,7 +34,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
-from trainers.basic import BasicTrainer
+from trainers.basic import BasicTrainer, cast_state_dict
 from utils import ConfigError, gather_objects, is_main_process, rank, response_logps, world_size
 
 MIXED_PRECISION = ("auto", "bf16", "fp32")
@@ -73,10 +72,7 @@ class FSDPTrainer(BasicTrainer):
 
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Shard each transformer block, then the rest; parameters are kept in fp32."""
-        setting = self.cfg.fsdp.mixed_precision
-        if setting not in MIXED_PRECISION:
-            raise ConfigError(f"fsdp.mixed_precision={setting!r}: choose one of {', '.join(MIXED_PRECISION)}")
-        bf16 = setting == "bf16" or (setting == "auto" and self.device.type == "cuda")
+        bf16 = self.compute_dtype == torch.bfloat16
         precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
         name = self.cfg.model.block_name
         blocks = [module for module in model.modules() if type(module).__name__ == name]
@@ -99,6 +95,14 @@ class FSDPTrainer(BasicTrainer):
         model.response_logps = partial(response_logps, model)
         register_fsdp_forward_method(model, "response_logps")
         return model
+
+    def compute_precision(self) -> torch.dtype:
+        """`fsdp.mixed_precision`: bf16 (auto on GPUs) casts the fp32 parameters for each forward."""
+        setting = self.cfg.fsdp.mixed_precision
+        if setting not in MIXED_PRECISION:
+            raise ConfigError(f"fsdp.mixed_precision={setting!r}: choose one of {', '.join(MIXED_PRECISION)}")
+        bf16 = setting == "bf16" or (setting == "auto" and self.device.type == "cuda")
+        return torch.bfloat16 if bf16 else torch.float32
 
     def all_logps(self, model: torch.nn.Module, examples: Sequence, desc: str) -> torch.Tensor:
         try:
@@ -196,20 +200,11 @@ class FSDPTrainer(BasicTrainer):
 
     # ----------------------------------------------------------------------------- checkpoints
 
-    def exported_state(self) -> dict[str, torch.Tensor]:
-        """The full weights on rank 0 (in `model.dtype`), gathered from every process."""
+    def exported_state(self, final: bool) -> dict[str, torch.Tensor]:
+        """The full weights on rank 0 (an empty dict on the others) in `model.dtype`, gathered from
+        every process; checkpoints keep the fp32 master weights in their sharded part."""
         state = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        dtype = getattr(torch, self.cfg.model.dtype)
-        state = {key: value.to(dtype) for key, value in state.items()}
-        # (an empty dict on the other ranks.) Tied weights (embeddings = LM head) come back as
-        # separate copies: alias them again so that save_pretrained writes one, as unsharded
-        names = defaultdict(list)
-        for name, parameter in self.policy.named_parameters(remove_duplicate=False):
-            names[id(parameter)].append(name)
-        for first, *aliases in names.values():
-            for alias in aliases if first in state else ():
-                state[alias] = state[first]
-        return state
+        return cast_state_dict(self.policy, state, getattr(torch, self.cfg.model.dtype))
 
     def save_training_state(self, staging: Path) -> dict:
         """The sharded fp32 weights and optimizer state, each process writing its own shard."""
