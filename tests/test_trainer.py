@@ -216,3 +216,17 @@ def test_bf16_model_trains_fp32_master_weights_with_bf16_compute(make_cfg, tmp_p
     assert {t.dtype for t in load_file(trainer.stage_dir / "final" / "model.safetensors").values()} == {torch.bfloat16}
     checkpoint_state = trainer.exported_state(final=False)  # checkpoints keep the master weights
     assert checkpoint_state is None and trainer.policy.model.embed_tokens.weight.dtype == torch.float32
+
+
+def test_sft_evaluation_weights_each_metric_by_what_it_averages(make_cfg, tmp_path):
+    """The loss is a mean over response tokens; the preference accuracy a share of pairs (k / n)."""
+    trainer = build(make_cfg("train.max_eval_examples=13", "train.eval_batch_size=4"), tmp_path, stage="sft")
+    result = trainer.evaluate()
+    batch = collate(trainer.test_set, range(13), trainer.pad_id)
+    with torch.no_grad():
+        logps, counts = response_logps(trainer.policy, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    (chosen, rejected), (chosen_counts, _) = logps.view(2, -1), counts.view(2, -1)
+    wins = int((chosen > rejected).sum())
+    assert 0 < wins < 13 and result["logp_accuracy"] == pytest.approx(wins / 13, abs=1e-12)
+    assert result["loss"] == pytest.approx((-chosen.sum() / chosen_counts.sum()).item(), rel=1e-5)
+    assert result["logps/chosen"] == pytest.approx(chosen.mean().item(), rel=1e-5)

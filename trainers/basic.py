@@ -16,7 +16,7 @@ import os
 import shutil
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import astuple
 from pathlib import Path
 
@@ -99,6 +99,30 @@ def cast_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], d
         for alias in aliases if first in cast else ():
             cast[alias] = cast[first]
     return cast
+
+
+Stats = dict[str, tuple[float, float]]  # name -> (mean over a batch, what it averages: pairs, tokens, ...)
+
+
+class WeightedMeans:
+    """Means of named statistics over batches, each weighted by what it averages (a token-weighted
+    loss, a pair-weighted accuracy), summed over the processes before dividing."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = defaultdict(float)
+        self.weights: dict[str, float] = defaultdict(float)
+
+    def add(self, stats: Stats, counted: bool = True) -> None:
+        for key, (value, weight) in stats.items():
+            self.sums[key] += value * weight * counted
+            self.weights[key] += weight * counted
+
+    def result(self, sum_over_processes: Callable[[dict[str, float]], dict[str, float]], **counts: float) -> dict[str, float]:
+        """The means, and `counts` summed (not averaged) over the processes, in one reduction."""
+        sums = {f"sum:{key}": value for key, value in self.sums.items()}
+        totals = sum_over_processes({**sums, **{f"weight:{key}": value for key, value in self.weights.items()}, **counts})
+        means = {key: totals[f"sum:{key}"] / totals[f"weight:{key}"] for key in self.sums if totals[f"weight:{key}"]}
+        return {**means, **{key: totals[key] for key in counts}}
 
 
 class BasicTrainer:
@@ -357,29 +381,29 @@ class BasicTrainer:
 
     # ----------------------------------------------------------------------------- losses
 
-    def batch_loss(self, batch: Mapping, split: str) -> tuple[torch.Tensor, dict[str, float]]:
-        """The batch's loss and its statistics (means over the batch)."""
+    def batch_loss(self, batch: Mapping, split: str) -> tuple[torch.Tensor, Stats]:
+        """The batch's loss and its statistics: each a mean over the batch, with what it averages."""
         logps, counts = self.logps(self.policy, batch)
         if self.stage == "sft":
-            return sft_loss(logps, counts), {"logps/chosen": logps.mean().item()}
+            return sft_loss(logps, counts), {"logps/chosen": (logps.mean().item(), len(logps))}
         return self.objective(logps, counts, batch, split)
 
-    def objective(self, logps: torch.Tensor, counts: torch.Tensor, batch: Mapping, split: str) -> tuple[torch.Tensor, dict[str, float]]:
-        """The configured loss from the policy log-probs of the batch's sequences.
+    def objective(self, logps: torch.Tensor, counts: torch.Tensor, batch: Mapping, split: str) -> tuple[torch.Tensor, Stats]:
+        """The configured loss from the policy log-probs of the batch's sequences, and its statistics,
+        each with its weight: how many pairs (or responses, or response pairs) it is a mean over.
 
         Every per-response quantity passes through `gather`, so a contrast matrix spans the whole
         batch even when each process holds a part of it.
         """
         reference_first, reference_second = self.reference_batch_logps(batch, split)
-        stats: dict[str, float] = {}
+        stats: Stats = {}
         margin = None
         if self.self_refined:
             margin = self.gather(self.self_refinement_margin(logps, counts, (reference_first, reference_second), batch, split), split)
-            stats.update({
-                "sr/delta_mean": margin.mean().item(),
-                "sr/delta_std": margin.std().item() if len(margin) > 1 else 0.0,
-                "sr/accuracy_augmented": (margin > 0).float().mean().item(),  # the policy's judgement on p + x
-            })
+            stats["sr/delta_mean"] = (margin.mean().item(), len(margin))
+            stats["sr/delta_std"] = (margin.std().item() if len(margin) > 1 else 0.0, len(margin))
+            if self.refines_on_augmented():  # naive: the margin comes from x itself, as rewards/accuracy
+                stats["sr/accuracy_augmented"] = ((margin > 0).float().mean().item(), len(margin))  # the policy's judgement on p + x
         if self.kto:
             with torch.no_grad():
                 policy_kl_logps = self.logps(self.policy, batch["mismatched"])[0]
@@ -389,20 +413,21 @@ class BasicTrainer:
             item_logps, desirable = items[0], items[2]
             chosen_rewards, rejected_rewards = item_rewards[desirable], item_rewards[~desirable]
             chosen, rejected = item_logps[desirable], item_logps[~desirable]
-            stats["kl"] = kl.item()
+            stats["kl"] = (kl.item(), len(kl_pairs[0]))
         else:
             sides = self.contrast_sides(logps, counts, (reference_first, reference_second), batch, split)
             chosen, rejected = sides["policy_chosen_logps"], sides["policy_rejected_logps"]
             loss, chosen_rewards, rejected_rewards = preference_loss(**sides, cfg=self.loss_cfg, margin=margin)
         # paired: each pair's own comparison; unpaired: every chosen response against every rejected one
         wins = chosen_rewards > rejected_rewards if self.paired else chosen_rewards.unsqueeze(1) > rejected_rewards.unsqueeze(0)
+        responses = len(chosen) + len(rejected)
         stats.update({
-            "rewards/chosen": chosen_rewards.mean().item(),
-            "rewards/rejected": rejected_rewards.mean().item(),
-            "rewards/accuracy": wins.float().mean().item(),
-            "rewards/margin": (chosen_rewards.mean() - rejected_rewards.mean()).item(),
-            "logps/chosen": chosen.detach().mean().item(),
-            "logps/rejected": rejected.detach().mean().item(),
+            "rewards/chosen": (chosen_rewards.mean().item(), len(chosen)),
+            "rewards/rejected": (rejected_rewards.mean().item(), len(rejected)),
+            "rewards/accuracy": (wins.float().mean().item(), wins.numel()),
+            "rewards/margin": ((chosen_rewards.mean() - rejected_rewards.mean()).item(), responses),
+            "logps/chosen": (chosen.detach().mean().item(), len(chosen)),
+            "logps/rejected": (rejected.detach().mean().item(), len(rejected)),
         })
         return loss, stats
 
@@ -438,19 +463,18 @@ class BasicTrainer:
         """
         self.policy.train()
         total_weight = self.example_weight([self.train_set[i] for i in indices])
-        record: dict[str, float] = {"loss": 0.0, "tokens": 0}
+        means, tokens = WeightedMeans(), 0
         parts = self.split_sides(indices, self.cfg.train.gradient_accumulation_steps)
         for number, part in enumerate(parts, start=1):
             batch = self.make_batch(self.train_set, part, with_rejected=self.stage != "sft")
-            record["tokens"] += int(batch["attention_mask"].sum())
+            tokens += int(batch["attention_mask"].sum())
             self.set_gradient_sync(number == len(parts))
             loss, stats = self.batch_loss(batch, "train")
-            share = self.example_weight([self.train_set[i] for i in part]) / total_weight
+            weight = self.example_weight([self.train_set[i] for i in part])
             # gradients are averaged over the processes: each carries its share of the whole batch
-            (loss * share * self.world_size).backward()
-            for key, value in {"loss": loss.item(), **stats}.items():
-                record[key] = record.get(key, 0.0) + value * share
-        record = self.sum_over_processes(record)
+            (loss * (weight / total_weight) * self.world_size).backward()
+            means.add({"loss": (loss.item(), weight), **stats})
+        record = means.result(self.sum_over_processes, tokens=tokens)
         grad_norm = self.clip_gradients()
         learning_rate = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
@@ -470,32 +494,25 @@ class BasicTrainer:
         """Held-out loss, rewards and, on pairs, the policy's own preference:
         log pi(chosen) > log pi(rejected) (`logp_accuracy`)."""
         self.policy.eval()
-        totals: dict[str, float] = {"weight": 0.0}
+        means = WeightedMeans()
         for indices, counted in self.assigned(self.eval_batches()):
             batch = self.make_batch(self.test_set, indices)
             logps, counts = self.logps(self.policy, batch)
-            weight = len(indices)
-            stats: dict[str, float] = {}
+            stats: Stats = {}
             if self.paired:
                 chosen, rejected = logps.view(2, -1)
-                stats = {"logp_accuracy": (chosen > rejected).float().mean().item()}
+                stats["logp_accuracy"] = ((chosen > rejected).float().mean().item(), len(chosen))
             if self.stage == "sft":
                 chosen_counts = counts.view(2, -1)[0] if self.paired else counts
                 chosen_logps = chosen if self.paired else logps
-                weight = chosen_counts.sum().item()  # the loss is a mean over tokens
-                loss = sft_loss(chosen_logps, chosen_counts)
-                stats["logps/chosen"] = chosen_logps.mean().item()
+                stats["loss"] = (sft_loss(chosen_logps, chosen_counts).item(), chosen_counts.sum().item())  # a mean over tokens
+                stats["logps/chosen"] = (chosen_logps.mean().item(), len(chosen_logps))
             else:
                 loss, objective_stats = self.objective(logps, counts, batch, "test")
-                stats.update(objective_stats)
-            weight *= counted
-            for key, value in {"loss": loss.item(), **stats}.items():
-                totals[key] = totals.get(key, 0.0) + value * weight
-            totals["weight"] += weight
+                stats.update({"loss": (loss.item(), len(indices)), **objective_stats})
+            means.add(stats, counted)  # a repeated batch (under FSDP) runs but does not count
         self.policy.train()
-        totals = self.sum_over_processes(totals)
-        weight = totals.pop("weight")
-        return {key: value / weight for key, value in totals.items()}
+        return means.result(self.sum_over_processes)
 
     def log(self, kind: str, values: Mapping) -> None:
         prefix = "eval/" if kind == "eval" else ""
