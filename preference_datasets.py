@@ -750,11 +750,16 @@ class BalancedSampler:
         self.share = len(chosen) / len(desirable)
         self.streams = (EpochSampler(chosen, seed), EpochSampler(rejected, seed + 1))
 
+    def sides(self, count: int) -> tuple[int, int]:
+        """How many desirable and undesirable items a batch of `count` takes (both > 0 from 2 on)."""
+        chosen = min(max(round(count * self.share), 1), count - 1)
+        return chosen, count - chosen
+
     def take(self, count: int) -> list[int]:
         if count < 2:
             raise DataError(f"an unpaired batch needs room for both sides: batch of {count}")
-        chosen = min(max(round(count * self.share), 1), count - 1)
-        return self.streams[0].take(chosen) + self.streams[1].take(count - chosen)
+        chosen, rejected = self.sides(count)
+        return self.streams[0].take(chosen) + self.streams[1].take(rejected)
 
     def state(self) -> list[int]:
         return self.streams[0].state() + self.streams[1].state()

@@ -78,8 +78,8 @@ def test_accumulation_keeps_both_sides_in_every_micro_batch(make_cfg, tmp_path):
     cfg = make_cfg("loss=rpo_unpaired", "train.gradient_accumulation_steps=2", "sft.enabled=false")
     summary = train.run(cfg, tmp_path / "ok")
     assert summary["stages"]["align"]["steps"] == 24 // 4
-    with pytest.raises(ValueError, match="cannot fill 3 batches that each need both"):
-        train.run(make_cfg("loss=rpo_unpaired", "train.gradient_accumulation_steps=3", "sft.enabled=false"), tmp_path / "bad")
+    with pytest.raises(train.ConfigError, match="2 desirable and 2 undesirable ones; each of its train.gradient_accumulation_steps=3 "):
+        train.run(make_cfg("loss=rpo_unpaired", "train.gradient_accumulation_steps=3", "sft.enabled=false"), tmp_path / "x")
 
 
 def test_items_and_mismatched_pairs(smollm2_tokenizer):
@@ -116,3 +116,33 @@ def test_unpaired_resume_equals_an_uninterrupted_run(make_cfg, tmp_path, monkeyp
     resumed = load_file(tmp_path / "killed" / "align" / "final" / "model.safetensors")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     assert without_timing(tmp_path / "killed" / "metrics.jsonl") == without_timing(tmp_path / "straight" / "metrics.jsonl")
+
+
+@pytest.mark.parametrize(("loss", "examples", "steps", "trained"), [("rpo_unpaired", 25, 1, 24), ("kto", 27, 2, 24), ("kto", 26, 1, 26)])
+def test_a_last_unpaired_batch_that_cannot_hold_both_sides_is_skipped(make_cfg, tmp_path, capsys, loss, examples, steps, trained):
+    """25 = 6 batches of 4 + 1 response; 27 = 6 x 4 + 3, whose 2 + 1 sides cannot fill 2 micro-batches;
+    26 = 6 x 4 + 2: one of each side, trained."""
+    cfg = make_cfg(f"loss={loss}", "sft.enabled=false", f"align.max_examples={examples}", f"train.gradient_accumulation_steps={steps}")
+    summary = train.run(cfg, tmp_path / "run")
+    assert summary["stages"]["align"]["examples"] == trained
+    assert (tmp_path / "run" / "align" / "final" / "model.safetensors").exists()
+    assert ("skipping the last" in capsys.readouterr().out) == (trained < examples)
+
+
+def write_kto_jsonl(path, labels):
+    rows = [{"prompt": f"question {i}?", "completion": f"answer {i}", "label": label} for i, label in enumerate(labels)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_unpaired_held_out_slice_keeps_both_sides(make_cfg, tmp_path):
+    """A test file whose first responses are all desirable: the evaluated slice still holds both sides."""
+    train_file = write_kto_jsonl(tmp_path / "train.jsonl", [True, False] * 12)
+    test_file = write_kto_jsonl(tmp_path / "test.jsonl", [True] * 10 + [False] * 6)
+    data = [f"datasets.kto_jsonl.train_path={train_file}", f"datasets.kto_jsonl.test_path={test_file}"]
+    summary = train.run(make_cfg("loss=kto", "datasets=[kto_jsonl]", *data, "train.max_eval_examples=8"), tmp_path / "run")
+    final = summary["stages"]["align"]["final_eval"]
+    assert all(torch.isfinite(torch.tensor(v)) for v in final.values())
+    one_sided = write_kto_jsonl(tmp_path / "one_sided.jsonl", [True] * 6)
+    with pytest.raises(train.ConfigError, match=r"held-out split \(6 responses\) has no undesirable response"):
+        train.run(make_cfg("loss=kto", "datasets=[kto_jsonl]", data[0], f"datasets.kto_jsonl.test_path={one_sided}"), tmp_path / "bad")

@@ -230,3 +230,28 @@ def test_sft_evaluation_weights_each_metric_by_what_it_averages(make_cfg, tmp_pa
     assert 0 < wins < 13 and result["logp_accuracy"] == pytest.approx(wins / 13, abs=1e-12)
     assert result["loss"] == pytest.approx((-chosen.sum() / chosen_counts.sum()).item(), rel=1e-5)
     assert result["logps/chosen"] == pytest.approx(chosen.mean().item(), rel=1e-5)
+
+
+def test_an_error_at_the_end_of_a_stage_loses_no_training(make_cfg, tmp_path, monkeypatch):
+    """The final evaluation fails (a bad held-out batch, an OOM): the trained weights are in a
+    checkpoint, and resuming only evaluates and exports."""
+    cfg = make_cfg("loss=dpo", "sft.enabled=false")
+    original_evaluate, original_step = BasicTrainer.evaluate, BasicTrainer.train_step
+
+    def failing_final_evaluation(self):
+        if self.examples == self.total_examples:
+            raise Interrupt
+        return original_evaluate(self)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(BasicTrainer, "evaluate", failing_final_evaluation)
+        with pytest.raises(Interrupt):
+            train.run(cfg, tmp_path / "run")
+    checkpoint = tmp_path / "run" / "align" / "checkpoint"
+    assert torch.load(checkpoint / "trainer_state.pt", weights_only=True)["counters"] == [6, 24]
+    trained = load_file(checkpoint / "model.safetensors")
+    steps = []
+    monkeypatch.setattr(BasicTrainer, "train_step", lambda self, indices: steps.append(indices) or original_step(self, indices))
+    train.run(make_cfg("loss=dpo", "sft.enabled=false", f"resume={tmp_path / 'run'}"), tmp_path / "unused")
+    final = load_file(tmp_path / "run" / "align" / "final" / "model.safetensors")
+    assert steps == [] and all(torch.equal(final[k], trained[k]) for k in trained)

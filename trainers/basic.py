@@ -166,9 +166,9 @@ class BasicTrainer:
         self.stage_cfg = cfg[stage]
         self.loss_cfg = OmegaConf.to_container(cfg.loss) if stage == "align" else {"name": "sft"}
         self.train_set = data["train"]
-        self.test_set = data["test"][: cfg.train.max_eval_examples or None]
-        self.stage_dir, self.metrics, self.embeddings = stage_dir, metrics, embeddings
         self.paired = isinstance(self.train_set[0], TokenizedPair)
+        self.test_set = self.held_out(data["test"], cfg.train.max_eval_examples)
+        self.stage_dir, self.metrics, self.embeddings = stage_dir, metrics, embeddings
         self.kto = self.loss_cfg["name"] == "kto"
         self.self_refined = stage == "align" and bool(self.loss_cfg.get("sr_lambda"))
         if self.self_refined and not (self.paired and self.loss_cfg.get("sr_delta") in ("refined", "naive")):
@@ -189,7 +189,7 @@ class BasicTrainer:
         self.optimizer = OPTIMIZERS[cfg.train.optimizer](self.policy.parameters(), lr=self.stage_cfg.lr)
         warmup = self.stage_cfg.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
-        self.step = self.examples = 0
+        self.step = self.examples = self.checkpointed_at = 0
 
     def compute_precision(self) -> torch.dtype:
         """The dtype of the forward and backward passes: `model.dtype`. The trained parameters and
@@ -207,9 +207,48 @@ class BasicTrainer:
         return model.to(self.device, dtype=torch.float32) if trained else model.to(self.device)
 
     def planned_examples(self) -> int:
-        """How many training examples the stage runs: its epochs, capped by `max_examples`."""
+        """How many training examples the stage runs: its epochs, capped by `max_examples`.
+
+        Unpaired alignment needs both sides in every micro-batch of every process: a batch size
+        that cannot give them is refused here, and a last partial batch that cannot is skipped.
+        """
         budget = self.stage_cfg.epochs * (len(self.sampler.pool) if self.stage == "sft" or self.paired else len(self.train_set))
-        return min(budget, self.stage_cfg.max_examples or budget)
+        planned = min(budget, self.stage_cfg.max_examples or budget)
+        if self.paired or self.stage == "sft":
+            return planned
+        batch, steps = self.cfg.train.batch_size, self.cfg.train.gradient_accumulation_steps
+        parts = steps * self.world_size
+        chosen, rejected = self.sampler.sides(min(batch, planned))
+        if min(chosen, rejected) < parts:
+            processes = f" x {self.world_size} processes" if self.world_size > 1 else ""
+            raise ConfigError(
+                f"a batch of {min(batch, planned)} unpaired responses (train.batch_size={batch}) holds {chosen} desirable and "
+                f"{rejected} undesirable ones; each of its train.gradient_accumulation_steps={steps}{processes} micro-batches "
+                "needs both: use a larger batch or fewer accumulation steps"
+            )
+        last = planned % batch if planned > batch else 0
+        if last and min(self.sampler.sides(last)) < parts:
+            if is_main_process():
+                print(f"{self.stage}: skipping the last {last} examples: too few to give each of {parts} micro-batches both sides")
+            planned -= last
+        return planned
+
+    def held_out(self, examples: Sequence, limit: int | None) -> list:
+        """The first `limit` held-out examples; of unpaired ones, the first of each side in the held-out
+        set's proportions, so that every evaluation batch can hold both (checked)."""
+        if self.paired or not limit or len(examples) <= limit:
+            kept = list(examples[: limit or None])
+        else:
+            sides = [i for i, e in enumerate(examples) if e.desirable], [i for i, e in enumerate(examples) if not e.desirable]
+            desirable = min(len(sides[0]), max(1, round(limit * len(sides[0]) / len(examples))), limit - bool(sides[1]))
+            kept = [examples[i] for i in sorted(sides[0][:desirable] + sides[1][: limit - desirable])]
+        if not self.paired:
+            desirable = sum(e.desirable for e in kept)
+            one_sided = desirable == len(kept) and self.stage == "align"
+            missing = "desirable" if not desirable else "undesirable" if one_sided else None
+            if missing:
+                raise ConfigError(f"the held-out split ({len(kept)} responses) has no {missing} response; {self.stage} needs one")
+        return kept
 
     def build_sampler(self) -> EpochSampler | BalancedSampler:
         """Pairs: all of them. Unpaired SFT: the desirable responses. Unpaired alignment: both sides."""
@@ -554,6 +593,8 @@ class BasicTrainer:
             if self.crossed(self.cfg.train.save_every, before) and self.examples < self.total_examples:
                 self.save_checkpoint(initial_eval)
         bar.close()
+        if self.checkpointed_at != self.examples:  # an error in the final evaluation or export loses no training
+            self.save_checkpoint(initial_eval)
         final_eval = self.evaluate()
         self.log("eval", final_eval)
         return self.save_final(initial_eval, final_eval)
@@ -593,6 +634,7 @@ class BasicTrainer:
             atomic_torch_save(state, staging / "trainer_state.pt")
             self.swap_into_place(staging, self.stage_dir / "checkpoint")
         barrier()
+        self.checkpointed_at = self.examples
 
     def save_training_state(self, staging: Path) -> dict:
         """What of the trained state the HF weights lack (here the optimizer, for trainer_state.pt)."""
@@ -625,6 +667,7 @@ class BasicTrainer:
         self.load_training_state(folder, state)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.examples = state["counters"]
+        self.checkpointed_at = self.examples
         self.sampler.load(state["sampler"])
         set_rng_state(state["rng"])
         self.metrics.truncate(state["metrics_offset"])

@@ -136,13 +136,6 @@ class FSDPTrainer(BasicTrainer):
             )
         if planned < batch:
             raise ConfigError(f"{self.stage} has {planned} training examples, less than one batch (train.batch_size={batch})")
-        if not self.paired and self.stage == "align":
-            chosen = min(max(round(batch * self.sampler.share), 1), batch - 1)
-            if min(chosen, batch - chosen) < self.world_size * steps:
-                raise ConfigError(
-                    f"train.batch_size={batch} holds {chosen} desirable and {batch - chosen} undesirable responses; "
-                    f"each of {self.world_size} processes x {steps} micro-batches needs both: use a larger batch"
-                )
         whole_batches = planned - planned % batch
         if whole_batches < planned and is_main_process():
             print(f"FSDP: {self.stage} runs {whole_batches} examples; the last {planned - whole_batches} do not fill a batch of {batch}")
