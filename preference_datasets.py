@@ -13,7 +13,7 @@ import json
 import random
 import re
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -662,11 +662,10 @@ class PairTokenizer:
         return TokenizedPair(prompt, chosen, rejected, augmented)
 
     def items(self, items: Sequence[LabelledResponse], seed: int) -> list[TokenizedResponse]:
-        """Tokenize unpaired items; item i's mismatched response is that of the item after it in
-        a fixed (seed) permutation, so no item is paired with its own response."""
+        """Tokenize unpaired items, each with the response of an item of another prompt (KTO's
+        mismatched pair; `mismatched_partners`)."""
         prompts = [self.encode_prompt(item.prompt) for item in items]
-        order = epoch_order(len(items), seed, epoch=-1)
-        partner = {order[k]: order[(k + 1) % len(order)] for k in range(len(order))}
+        partner = mismatched_partners([tuple(prompt) for prompt in prompts], seed)
         return [
             TokenizedResponse(
                 prompt,
@@ -676,6 +675,28 @@ class PairTokenizer:
             )
             for i, (item, prompt) in enumerate(zip(items, prompts, strict=True))
         ]
+
+
+def mismatched_partners(prompts: Sequence[Hashable], seed: int) -> list[int]:
+    """For each item, another item whose prompt differs, fixed by `seed` (KTO's mismatched pairs).
+
+    Items in a seeded random order are paired with the item `shift` places further round the
+    circle, for the smallest shift that never lands on the same prompt, so every response is used
+    once (a prompt's few responses sit in random places: small shifts usually work). When none
+    does (one prompt holds most items), each item takes the next item round the circle with
+    another prompt, or the next item at all if every item shares its prompt.
+    """
+    count = len(prompts)
+    order = epoch_order(count, seed, epoch=-1)
+    for shift in range(1, count):
+        if all(prompts[order[k]] != prompts[order[(k + shift) % count]] for k in range(count)):
+            partner = {order[k]: order[(k + shift) % count] for k in range(count)}
+            return [partner[i] for i in range(count)]
+    partner = {}
+    for k, i in enumerate(order):
+        following = (order[(k + step) % count] for step in range(1, count))
+        partner[i] = next((j for j in following if prompts[j] != prompts[i]), order[(k + 1) % count])
+    return [partner[i] for i in range(count)]
 
 
 def collate_sequences(prompts: Sequence[list[int]], responses: Sequence[list[int]], pad_id: int) -> dict:

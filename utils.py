@@ -196,15 +196,21 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    """Python and torch RNG states in a form `torch.load(weights_only=True)` accepts."""
+    """This process's Python, torch CPU and (on a GPU) CUDA RNG states, in a form
+    `torch.load(weights_only=True)` accepts: dropout on a GPU draws from the CUDA generator."""
     version, internal, gauss = random.getstate()
-    return {"python": [version, list(internal), gauss], "torch": torch.get_rng_state()}
+    state = {"python": [version, list(internal), gauss], "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()  # the generator of this process's device
+    return state
 
 
 def set_rng_state(state: Mapping) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def pad_to_longest(sequences: list[list[int]], pad_value: int) -> torch.Tensor:

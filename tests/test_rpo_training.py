@@ -91,6 +91,12 @@ def test_items_and_mismatched_pairs(smollm2_tokenizer):
     for item in tokenized:
         assert item.mismatched in responses and item.mismatched != item.response
     assert len({tuple(t.mismatched) for t in tokenized}) == len(tokenized)  # a permutation of the responses
+    many = as_items([PreferencePair([{"role": "user", "content": f"q{i}"}], f"good {i}", f"bad {i}") for i in range(40)])
+    for seed in range(5):  # never the other response of the same prompt
+        for item, tokens in zip(many, PairTokenizer(smollm2_tokenizer, 64, 32).items(many, seed=seed), strict=True):
+            number = item.response.split()[1]
+            own = {tuple(smollm2_tokenizer(f"{side} {number}", add_special_tokens=False).input_ids) for side in ("good", "bad")}
+            assert tuple(tokens.mismatched[:-1]) not in own
 
 
 def test_paired_losses_refuse_single_responses(make_cfg):

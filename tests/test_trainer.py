@@ -111,13 +111,17 @@ def without_timing(path):
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
 
 
+# Dropout draws random numbers in every training forward: a resume that did not restore the RNG differs.
+DROPOUT = "+model.random_init.attention_dropout=0.1"
+
+
 # 4 SFT and 6 alignment steps, a checkpoint every 2 steps: what is left to run after each interruption.
 @pytest.mark.parametrize(
     ("stage", "steps", "steps_left"),
     [("sft", 3, {"sft": 2, "align": 6}), ("align", 3, {"align": 4}), ("align", 4, {"align": 2})],
 )
 def test_resume_equals_an_uninterrupted_run(make_cfg, tmp_path, monkeypatch, stage, steps, steps_left):
-    cfg = make_cfg()
+    cfg = make_cfg(DROPOUT)
     train.run(cfg, tmp_path / "straight")
     with monkeypatch.context() as patch:
         interrupt_after(patch, stage, steps)
@@ -130,7 +134,7 @@ def test_resume_equals_an_uninterrupted_run(make_cfg, tmp_path, monkeypatch, sta
         return original(self, indices)
 
     monkeypatch.setattr(BasicTrainer, "train_step", counting_train_step)
-    train.run(make_cfg(f"resume={tmp_path / 'killed'}"), tmp_path / "unused")
+    train.run(make_cfg(DROPOUT, f"resume={tmp_path / 'killed'}"), tmp_path / "unused")
     assert executed == steps_left  # it continued from the checkpoint rather than starting over
     straight = load_file(tmp_path / "straight" / "align" / "final" / "model.safetensors")
     resumed = load_file(tmp_path / "killed" / "align" / "final" / "model.safetensors")
@@ -255,3 +259,17 @@ def test_an_error_at_the_end_of_a_stage_loses_no_training(make_cfg, tmp_path, mo
     train.run(make_cfg("loss=dpo", "sft.enabled=false", f"resume={tmp_path / 'run'}"), tmp_path / "unused")
     final = load_file(tmp_path / "run" / "align" / "final" / "model.safetensors")
     assert steps == [] and all(torch.equal(final[k], trained[k]) for k in trained)
+
+
+def test_cuda_rng_state_is_saved_and_restored(monkeypatch):
+    """Dropout on a GPU draws from the CUDA generator: a resumed run must continue its sequence."""
+    import utils
+
+    cuda_state = {"now": torch.tensor([7], dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: cuda_state["now"].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda value: cuda_state.update(now=value))
+    saved = utils.rng_state()
+    cuda_state["now"] = torch.tensor([9], dtype=torch.uint8)
+    utils.set_rng_state(saved)
+    assert cuda_state["now"].tolist() == [7]

@@ -31,6 +31,7 @@ from utils import (
     ConfigError,
     atomic_torch_save,
     barrier,
+    gather_objects,
     is_main_process,
     load_or_compute,
     on_main_process,
@@ -626,7 +627,7 @@ class BasicTrainer:
             "scheduler": self.scheduler.state_dict(),
             "counters": [self.step, self.examples],
             "sampler": self.sampler.state(),
-            "rng": rng_state(),
+            "rng": gather_objects(rng_state()),  # every process's: each draws its own dropout masks
             "metrics_offset": self.metrics.offset(),
             "initial_eval": json.dumps(initial_eval),
         }
@@ -669,7 +670,8 @@ class BasicTrainer:
         self.step, self.examples = state["counters"]
         self.checkpointed_at = self.examples
         self.sampler.load(state["sampler"])
-        set_rng_state(state["rng"])
+        rng = state["rng"]
+        set_rng_state(rng[self.rank] if self.rank < len(rng) else rng[0])  # resharded: rank 0's where a rank is new
         self.metrics.truncate(state["metrics_offset"])
         if is_main_process():
             print(f"Resuming {self.stage} from {folder} at step {self.step} ({self.examples} examples)")
