@@ -12,7 +12,8 @@ import torch
 import train
 from preference_datasets import PairTokenizer, PreferencePair, augment, collate
 from tests.conftest import ROOT, build
-from tests.test_contrast_losses import batch
+from tests.test_contrast_losses import batch, reward_by_hand, weight_by_hand
+from tests.test_loop_values import full_logps, perturbed
 from trainers.losses import preference_loss
 
 SR_DPO = {"name": "sr_dpo", "beta": 0.1, "sr_lambda": 0.5}
@@ -60,11 +61,16 @@ def test_losses_match_the_equations_and_delta_carries_no_gradient(cfg):
 
 
 def test_margin_shifts_every_rpo_row():
-    x = batch(3, 3, seed=4)
-    delta = torch.tensor([0.5, 0.0, -0.5], dtype=torch.float64)
+    """link(W_ij S_ij - lambda Delta_i): pair i's margin enters every entry of row i (and no other row)."""
+    x = batch(3, 4, seed=4)
+    delta = torch.tensor([0.5, 0.0, -0.8], dtype=torch.float64)
     cfg = {"name": "rpo", "beta": 0.1, "tau": 0.5, "sr_lambda": 1.0}
-    shifted = preference_loss(**x, cfg=cfg, margin=delta)[0]
-    assert shifted.item() != preference_loss(**x, cfg=cfg)[0].item()
+    expected = 0.0
+    for i in range(3):
+        for j in range(4):
+            s = reward_by_hand(cfg, x, "chosen", i) - reward_by_hand(cfg, x, "rejected", j)
+            expected += math.log1p(math.exp(-(weight_by_hand(cfg, x, i, j, 3, 4) * s - cfg["sr_lambda"] * delta[i].item())))
+    assert preference_loss(**x, cfg=cfg, margin=delta)[0].item() == pytest.approx(expected / 12, rel=1e-10)
     with pytest.raises(KeyError, match="loss.sr_lambda"):
         preference_loss(**x, cfg={"name": "rpo", "beta": 0.1, "tau": 0.5}, margin=delta)
 
@@ -86,32 +92,40 @@ def test_augmented_prompt_keeps_p_whole_and_cuts_the_query(smollm2_tokenizer):
         PairTokenizer(smollm2_tokenizer, max_length=200, max_prompt_length=30, sr_prompt=SR_PROMPT)(PreferencePair(messages, "y", "n"))
 
 
-def test_refined_delta_is_the_policy_judgement_on_p_plus_x(make_cfg, tmp_path):
-    trainer = build(make_cfg("loss=sr_dpo"), tmp_path)
+@pytest.mark.parametrize("loss", ["sr_dpo", "sr_ipo"])
+def test_refined_delta_is_the_policy_judgement_on_p_plus_x(make_cfg, tmp_path, loss):
+    """Delta by hand (full-vocabulary forward on p + x, the cached reference on p + x) after the policy
+    has moved away from the reference, so that Delta is far from zero."""
+    trainer = perturbed(build(make_cfg(f"loss={loss}"), tmp_path))
     assert trainer.train_set[0].augmented is not None and "train/augmented" in trainer.reference_logps
     indices = [0, 1, 2]
     pair_batch = collate([trainer.train_set[i] for i in indices], indices, trainer.pad_id)
     logps, counts = trainer.logps(trainer.policy, pair_batch)
     delta = trainer.self_refinement_margin(logps, counts, trainer.reference_batch_logps(pair_batch, "train"), pair_batch, "train")
     augmented = collate([trainer.train_set[i].augmented for i in indices], indices, trainer.pad_id)
-    with torch.no_grad():
-        policy, _ = trainer.logps(trainer.policy, augmented)
-    reference = trainer.reference_logps["train/augmented"][indices]
-    expected = 0.1 * ((policy.view(2, -1)[0] - reference[:, 0]) - (policy.view(2, -1)[1] - reference[:, 1]))
-    torch.testing.assert_close(delta, expected)
+    ratios = full_logps(trainer.policy, augmented).view(2, -1) - trainer.reference_logps["train/augmented"][indices].double().T
+    if loss == "sr_ipo":  # per token, as IPO's h
+        ratios = ratios / torch.tensor([[len(trainer.train_set[i].augmented.chosen) for i in indices],
+                                        [len(trainer.train_set[i].augmented.rejected) for i in indices]])
+    expected = 0.1 * (ratios[0] - ratios[1])
+    assert expected.abs().min() > 1e-3
+    torch.testing.assert_close(delta.double(), expected, rtol=1e-4, atol=1e-6)
     assert not delta.requires_grad
 
 
 def test_naive_delta_uses_the_unaugmented_log_probs(make_cfg, tmp_path):
-    trainer = build(make_cfg("loss=sr_dpo", "loss.sr_delta=naive"), tmp_path)
+    trainer = perturbed(build(make_cfg("loss=sr_dpo", "loss.sr_delta=naive"), tmp_path))
     assert trainer.train_set[0].augmented is None and "train/augmented" not in trainer.reference_logps
     pair_batch = collate(trainer.train_set[:3], range(3), trainer.pad_id)
     logps, counts = trainer.logps(trainer.policy, pair_batch)
-    reference = trainer.reference_batch_logps(pair_batch, "train")
-    delta = trainer.self_refinement_margin(logps, counts, reference, pair_batch, "train")
-    chosen, rejected = logps.view(2, -1)
-    torch.testing.assert_close(delta, (0.1 * ((chosen - reference[0]) - (rejected - reference[1]))).detach())
+    delta = trainer.self_refinement_margin(logps, counts, trainer.reference_batch_logps(pair_batch, "train"), pair_batch, "train")
+    ratios = full_logps(trainer.policy, pair_batch).view(2, -1) - trainer.reference_logps["train"][:3].double().T
+    expected = 0.1 * (ratios[0] - ratios[1])
+    assert expected.abs().min() > 1e-3
+    torch.testing.assert_close(delta.double(), expected, rtol=1e-4, atol=1e-6)
     assert not delta.requires_grad
+    _, stats = trainer.batch_loss(pair_batch, "train")
+    assert "sr/delta_mean" in stats and "sr/accuracy_augmented" not in stats  # naive: no p + x to judge on
 
 
 @pytest.mark.parametrize("overrides", [["loss=sr_dpo"], ["loss=sr_ipo"], ["loss=rpo", "loss.sr_lambda=0.5"]])

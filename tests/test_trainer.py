@@ -273,3 +273,16 @@ def test_cuda_rng_state_is_saved_and_restored(monkeypatch):
     cuda_state["now"] = torch.tensor([9], dtype=torch.uint8)
     utils.set_rng_state(saved)
     assert cuda_state["now"].tolist() == [7]
+
+
+def test_reference_cache_is_keyed_by_compute_precision(make_cfg, tmp_path, shared_cache):
+    """The same weights computed in bf16 (FSDP's mixed precision) and in fp32 give different log-probs."""
+    from utils import state_fingerprint
+
+    trainer = build(make_cfg("seed=4242"), tmp_path)  # a seed no other test uses: a fresh cache entry
+    cached = set((shared_cache / "reference_logps").glob("*.pt"))
+    trainer.compute_dtype = torch.bfloat16
+    bf16 = trainer.precomputed_reference_logps(state_fingerprint(trainer.policy))
+    assert len(set((shared_cache / "reference_logps").glob("*.pt")) - cached) == 1
+    assert not torch.equal(bf16["train"], trainer.reference_logps["train"])
+    torch.testing.assert_close(bf16["train"], trainer.reference_logps["train"], rtol=0.05, atol=0.5)
