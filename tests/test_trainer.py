@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import train
 from preference_datasets import collate
 from tests.conftest import ROOT, build
+from tests.test_loop_values import perturbed
 from trainers.basic import TIMING_KEYS, BasicTrainer
 from utils import response_logps
 
@@ -32,18 +33,24 @@ def test_response_logps_equal_full_vocabulary_log_softmax(make_cfg, tmp_path):
     assert counts.tolist() == mask.sum(-1).tolist()
 
 
-@pytest.mark.parametrize("loss", ["dpo", "ipo", "sft"])
-def test_gradient_accumulation_equals_the_whole_batch(make_cfg, tmp_path, loss):
-    stage = "sft" if loss == "sft" else "align"
+ACCUMULATED = {"dpo": ["loss=dpo"], "ipo": ["loss=ipo"], "sft": ["loss=sft"], "simpo": ["loss=simpo"], "sr_dpo": ["loss=sr_dpo"],
+               "sr_ipo naive": ["loss=sr_ipo", "loss.sr_delta=naive"]}
+
+
+@pytest.mark.parametrize("overrides", ACCUMULATED.values(), ids=ACCUMULATED.keys())
+def test_gradient_accumulation_equals_the_whole_batch(make_cfg, tmp_path, overrides):
+    stage = "sft" if overrides == ["loss=sft"] else "align"
     updated = []
     for steps in (1, 3):
         # SGD: the update is the gradient itself (RMSprop would amplify rounding in near-zero gradients)
-        cfg = make_cfg(f"loss={loss}", f"train.gradient_accumulation_steps={steps}", "train.batch_size=7", "train.optimizer=sgd")
-        trainer = build(cfg, tmp_path / f"acc{steps}", stage)
+        cfg = make_cfg(*overrides, f"train.gradient_accumulation_steps={steps}", "train.batch_size=7", "train.optimizer=sgd")
+        trainer = perturbed(build(cfg, tmp_path / f"acc{steps}", stage))  # Sr: a margin far from zero
         record = trainer.train_step(trainer.sampler.take(7))
         updated.append((record, {k: v.clone() for k, v in trainer.policy.state_dict().items()}))
     (whole, whole_weights), (accumulated, accumulated_weights) = updated
-    assert accumulated["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+    assert accumulated.keys() == whole.keys()
+    for key in accumulated.keys() - set(TIMING_KEYS) - {"tokens"}:
+        assert accumulated[key] == pytest.approx(whole[key], rel=1e-5 if key == "loss" else 1e-4, abs=1e-7), key
     assert accumulated["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-4)
     for key in whole_weights:
         torch.testing.assert_close(accumulated_weights[key], whole_weights[key], rtol=1e-5, atol=1e-6)
@@ -63,6 +70,27 @@ def test_reference_logps_are_cached_and_equal_a_live_reference(make_cfg, tmp_pat
     monkeypatch.setattr(BasicTrainer, "all_logps", lambda *a, **k: pytest.fail("recomputed cached reference log-probs"))
     again = build(cfg, tmp_path / "c")
     torch.testing.assert_close(again.reference_logps["test"], trainer.reference_logps["test"])
+
+
+@pytest.mark.parametrize("loss", ["dpo", "kto"])
+def test_a_live_reference_trains_like_the_precomputed_one(make_cfg, tmp_path, loss):
+    """reference.precompute=false: a frozen copy scored every step. Over several steps (the policy
+    moving away from it) the losses, rewards and weights equal those with the cached log-probs."""
+    runs = []
+    for precompute in (True, False):
+        cfg = make_cfg(f"loss={loss}", f"reference.precompute={str(precompute).lower()}", "train.optimizer=sgd", "align.lr=0.5")
+        trainer = build(cfg, tmp_path / str(precompute))
+        assert (trainer.reference_model is None) == precompute
+        records = [trainer.train_step(trainer.sampler.take(4)) for _ in range(4)]
+        runs.append((records, trainer.evaluate(), {k: v.clone() for k, v in trainer.policy.state_dict().items()}))
+    (cached, cached_eval, cached_weights), (live, live_eval, live_weights) = runs
+    assert abs(live[-1]["rewards/margin"]) > 1e-3  # the policy has moved away from the reference
+    for cached_record, live_record in zip(cached, live, strict=True):
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "grad_norm"):
+            assert live_record[key] == pytest.approx(cached_record[key], rel=1e-4, abs=1e-6), key
+    assert live_eval == pytest.approx(cached_eval, rel=1e-4, abs=1e-6)
+    for key in cached_weights:
+        torch.testing.assert_close(live_weights[key], cached_weights[key], rtol=1e-4, atol=1e-6)
 
 
 def test_sft_then_dpo_end_to_end(make_cfg, tmp_path):

@@ -107,7 +107,9 @@ Stats = dict[str, tuple[float, float]]  # name -> (mean over a batch, what it av
 
 class WeightedMeans:
     """Means of named statistics over batches, each weighted by what it averages (a token-weighted
-    loss, a pair-weighted accuracy), summed over the processes before dividing."""
+    loss, a pair-weighted accuracy), summed over the processes before dividing. A pair of
+    `<name>_mean` and `<name>_squared` gives `<name>_std`, the standard deviation over every batch
+    (not a mean of per-batch ones)."""
 
     def __init__(self):
         self.sums: dict[str, float] = defaultdict(float)
@@ -123,6 +125,9 @@ class WeightedMeans:
         sums = {f"sum:{key}": value for key, value in self.sums.items()}
         totals = sum_over_processes({**sums, **{f"weight:{key}": value for key, value in self.weights.items()}, **counts})
         means = {key: totals[f"sum:{key}"] / totals[f"weight:{key}"] for key in self.sums if totals[f"weight:{key}"]}
+        for key in [key for key in means if key.endswith("_squared")]:
+            name = key.removesuffix("_squared")
+            means[f"{name}_std"] = math.sqrt(max(means.pop(key) - means[f"{name}_mean"] ** 2, 0.0))
         return {**means, **{key: totals[key] for key in counts}}
 
 
@@ -441,7 +446,7 @@ class BasicTrainer:
         if self.self_refined:
             margin = self.gather(self.self_refinement_margin(logps, counts, (reference_first, reference_second), batch, split), split)
             stats["sr/delta_mean"] = (margin.mean().item(), len(margin))
-            stats["sr/delta_std"] = (margin.std().item() if len(margin) > 1 else 0.0, len(margin))
+            stats["sr/delta_squared"] = (margin.square().mean().item(), len(margin))  # becomes sr/delta_std
             if self.refines_on_augmented():  # naive: the margin comes from x itself, as rewards/accuracy
                 stats["sr/accuracy_augmented"] = ((margin > 0).float().mean().item(), len(margin))  # the policy's judgement on p + x
         if self.kto:
