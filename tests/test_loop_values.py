@@ -15,6 +15,7 @@ import train
 import trainers.basic
 from preference_datasets import collate, collate_items, load_datasets
 from tests.conftest import build
+from trainers.basic import WeightedMeans
 from utils import resolve_model_path
 
 
@@ -129,6 +130,10 @@ def test_paired_loop_loss_equals_the_equation_by_hand(make_cfg, tmp_path, shared
         assert min(map(abs, delta)) > 1e-3  # far from zero: the policy is not the reference
         assert stats["sr/delta_mean"][0] == pytest.approx(sum(delta) / 5, rel=1e-4)
         assert stats["sr/accuracy_augmented"][0] == pytest.approx(sum(d > 0 for d in delta) / 5)
+        means = WeightedMeans()
+        means.add(stats)
+        spread = math.sqrt(sum((d - sum(delta) / 5) ** 2 for d in delta) / 5)  # over the batch (not per micro-batch)
+        assert means.result(lambda totals: totals)["sr/delta_std"] == pytest.approx(spread, rel=1e-3)
         shifts = [cfg.loss.sr_lambda * d for d in delta]
     assert min(map(abs, chosen + rejected)) > 1e-4
     assert loss.item() == pytest.approx(rpo_loss_by_hand(loss_cfg, chosen, rejected, weights, shifts), rel=1e-4)
