@@ -246,6 +246,7 @@ def test_bf16_model_trains_fp32_master_weights_with_bf16_compute(make_cfg, tmp_p
     assert all(v.dtype == torch.float32 for state in trainer.optimizer.state.values() for v in state.values() if v.ndim)
     trainer.save_final({}, {})
     assert {t.dtype for t in load_file(trainer.stage_dir / "final" / "model.safetensors").values()} == {torch.bfloat16}
+    assert AutoModelForCausalLM.from_pretrained(trainer.stage_dir / "final").dtype == torch.bfloat16
     checkpoint_state = trainer.exported_state(final=False)  # checkpoints keep the master weights
     assert checkpoint_state is None and trainer.policy.model.embed_tokens.weight.dtype == torch.float32
 

@@ -614,6 +614,9 @@ class BasicTrainer:
         if is_main_process():
             shutil.rmtree(staging, ignore_errors=True)
             self.policy.save_pretrained(staging, state_dict=state)
+            if state is not None:  # save_pretrained names the fp32 parameters' dtype, not the export's
+                self.policy.config.dtype = self.cfg.model.dtype  # an exported state is in model.dtype
+                self.policy.config.save_pretrained(staging)
             self.tokenizer.save_pretrained(staging)
         barrier()
         return staging
