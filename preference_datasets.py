@@ -9,12 +9,13 @@ for the chosen and the rejected response of a pair.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import random
 import re
 from collections import Counter
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -91,7 +92,7 @@ def hh_pairs(rows: Sequence[Mapping], origin: str) -> tuple[list[PreferencePair]
     return pairs, skipped
 
 
-def load_hh(options: Mapping, seed: int) -> dict[str, list[PreferencePair]]:
+def load_hh(options: Mapping) -> dict[str, list[PreferencePair]]:
     """HH-RLHF from the hub (`Anthropic/hh-rlhf`) or a local folder of the original files.
 
     A local folder holds `<subset>/{train,test}.jsonl.gz`. Where it has no train files (the
@@ -115,7 +116,7 @@ def load_hh(options: Mapping, seed: int) -> dict[str, list[PreferencePair]]:
             raise DataError(f"datasets.hh.path: no <subset>/{{train,test}}.jsonl.gz files of {subsets} in {root}")
         if not splits["train"]:
             print(f"hh: {root} has no train files; holding out {options['holdout']} test pairs, training on the rest")
-            splits = holdout_split(splits["test"], int(options["holdout"]), seed)
+            splits = holdout_split(splits["test"], options)
     else:
         import datasets
 
@@ -130,12 +131,68 @@ def load_hh(options: Mapping, seed: int) -> dict[str, list[PreferencePair]]:
     return splits
 
 
-def holdout_split(pairs: list[ExampleT], holdout: int, seed: int) -> dict[str, list[ExampleT]]:
-    if not 0 < holdout < len(pairs):
-        raise DataError(f"holdout: need 0 < holdout < {len(pairs)} pairs, got {holdout}")
-    order = list(range(len(pairs)))
-    random.Random(seed).shuffle(order)
-    return {"test": [pairs[i] for i in order[:holdout]], "train": [pairs[i] for i in order[holdout:]]}
+def prompt_key(example: Example) -> str:
+    return json.dumps(example.prompt, sort_keys=True)
+
+
+def example_key(example: Example) -> str:
+    return json.dumps(asdict(example), sort_keys=True)
+
+
+def holdout_split(examples: list[ExampleT], options: Mapping) -> dict[str, list[ExampleT]]:
+    """Hold out `options.holdout` examples, whole prompts at a time, drawn with the dataset's own
+    `options.seed` (never the run's): every run of a config, whatever its seed, trains and
+    evaluates on the same sets, and no prompt is on both sides.
+
+    Prompts are drawn in a seeded random order until their examples reach `holdout` (the last
+    prompt may bring a few more); the held-out examples come in that drawn order.
+    """
+    holdout = int(options["holdout"])
+    if not 0 < holdout < len(examples):
+        raise DataError(f"holdout: need 0 < holdout < {len(examples)} examples, got {holdout}")
+    by_prompt: dict[str, list[ExampleT]] = {}
+    for example in examples:
+        by_prompt.setdefault(prompt_key(example), []).append(example)
+    drawn = list(by_prompt)
+    random.Random(int(options.get("seed", 0))).shuffle(drawn)
+    test: list[ExampleT] = []
+    for key in drawn:
+        if len(test) >= holdout:
+            break
+        test += by_prompt.pop(key)
+    if not by_prompt:
+        raise DataError(f"holdout={holdout}: the {len(examples)} examples have too few distinct prompts to leave any for training")
+    return {"test": test, "train": [example for group in by_prompt.values() for example in group]}
+
+
+def evaluation_slice(examples: list[ExampleT], limit: int | None) -> list[ExampleT]:
+    """The held-out examples each evaluation scores: the first `limit`; of unpaired responses, the
+    first of each side in the held-out set's proportions (at least one of each where both exist)."""
+    if not limit or len(examples) <= limit or not isinstance(examples[0], LabelledResponse):
+        return list(examples[: limit or None])
+    sides = [i for i, e in enumerate(examples) if e.desirable], [i for i, e in enumerate(examples) if not e.desirable]
+    desirable = min(len(sides[0]), max(1, round(limit * len(sides[0]) / len(examples))), limit - bool(sides[1]))
+    return [examples[i] for i in sorted(sides[0][:desirable] + sides[1][: limit - desirable])]
+
+
+def fingerprint(examples: Sequence[Example]) -> str:
+    """A content hash of a set of examples (order aside): equal for runs evaluated on the same ones."""
+    return hashlib.sha1(json.dumps(sorted(map(example_key, examples))).encode()).hexdigest()
+
+
+def drop_leaked(name: str, splits: dict[str, list[ExampleT]]) -> dict[str, list[ExampleT]]:
+    """Where a dataset comes with both splits: report training examples that are exact duplicates
+    of held-out ones (dropped from train) and prompts on both sides (kept: the dataset's own split)."""
+    held_out = {example_key(example) for example in splits["test"]}
+    held_out_prompts = {prompt_key(example) for example in splits["test"]}
+    train = [example for example in splits["train"] if example_key(example) not in held_out]
+    dropped = len(splits["train"]) - len(train)
+    shared = len({prompt_key(example) for example in train} & held_out_prompts)
+    if dropped:
+        print(f"{name}: dropped {dropped} training examples that are exact duplicates of held-out ones")
+    if shared:
+        print(f"{name}: {shared} training prompts also appear in the held-out split (with other responses; kept)")
+    return {**splits, "train": train}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,13 +231,13 @@ def read_pairs_jsonl(path: Path) -> list[PreferencePair]:
     return pairs
 
 
-def load_jsonl(options: Mapping, seed: int) -> dict[str, list[PreferencePair]]:
+def load_jsonl(options: Mapping) -> dict[str, list[PreferencePair]]:
     if not options.get("train_path"):
         raise DataError("datasets.jsonl.train_path: set it to a .jsonl file of prompt/chosen/rejected records")
     train = read_pairs_jsonl(Path(options["train_path"]).expanduser())
     if options.get("test_path"):
         return {"train": train, "test": read_pairs_jsonl(Path(options["test_path"]).expanduser())}
-    return holdout_split(train, int(options["holdout"]), seed)
+    return holdout_split(train, options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,7 +302,7 @@ def make_demo_pairs(count: int, seed: int, held_out: bool = False) -> list[Prefe
     return pairs
 
 
-def load_demo(options: Mapping, seed: int) -> dict[str, list[PreferencePair]]:
+def load_demo(options: Mapping) -> dict[str, list[PreferencePair]]:
     """Generated, so it is the same on every machine; the seed is the data's own, not the run's."""
     data_seed = int(options["seed"])
     return {
@@ -391,7 +448,7 @@ def labelled_response(row: Mapping, where: str, source: str) -> LabelledResponse
     return LabelledResponse(_as_prompt(row["prompt"], where), response, row["label"], source)
 
 
-def _hold_out(name: str, splits: dict[str, list[ExampleT]], options: Mapping, seed: int, origin: str) -> dict[str, list[ExampleT]]:
+def _hold_out(name: str, splits: dict[str, list[ExampleT]], options: Mapping, origin: str) -> dict[str, list[ExampleT]]:
     """Where the data has one split only, `options.holdout` of its examples become the test split."""
     if splits["train"] and splits["test"]:
         return splits
@@ -399,11 +456,11 @@ def _hold_out(name: str, splits: dict[str, list[ExampleT]], options: Mapping, se
     if not examples:
         raise DataError(f"datasets.{name}: no usable examples in {origin}")
     print(f"{name}: {origin} has one split only; holding out {options['holdout']} of its {len(examples)} examples for test")
-    return holdout_split(examples, int(options["holdout"]), seed)
+    return holdout_split(examples, options)
 
 
 def _build(
-    name: str, records: dict[str, list[Record]], convert: Convert, options: Mapping, seed: int, origin: str
+    name: str, records: dict[str, list[Record]], convert: Convert, options: Mapping, origin: str
 ) -> dict[str, list[Example]]:
     """Convert every split's rows, report the skipped ones by reason, and hold out a test split if there is none."""
     splits: dict[str, list[Example]] = {}
@@ -414,42 +471,42 @@ def _build(
         skipped.update(reason for reason in converted if isinstance(reason, str))
     if skipped:
         print(f"{name}: skipped {skipped.total()} rows ({', '.join(f'{reason}: {count}' for reason, count in skipped.items())})")
-    return _hold_out(name, splits, options, seed, origin)
+    return _hold_out(name, splits, options, origin)
 
 
-def load_ultrafeedback(options: Mapping, seed: int) -> dict[str, list[Example]]:
+def load_ultrafeedback(options: Mapping) -> dict[str, list[Example]]:
     """UltraFeedback binarized: the hub's `train_prefs` / `test_prefs`, or a local folder holding
     `{train,test}.jsonl` or `.jsonl.gz` (../shared/data/ultrafeedback-binarized: flat strings)."""
     if not options.get("path"):
         records = {split: _hub_records(options["hub_name"], f"{split}_prefs") for split in SPLITS}
-        return _build("ultrafeedback", records, ultrafeedback_pair, options, seed, options["hub_name"])
+        return _build("ultrafeedback", records, ultrafeedback_pair, options, options["hub_name"])
     root = _folder("ultrafeedback", options["path"])
     files = {split: [file for file in (root / f"{split}.jsonl", root / f"{split}.jsonl.gz") if file.is_file()] for split in SPLITS}
     if not any(files.values()):
         raise DataError(f"datasets.ultrafeedback.path: no train/test .jsonl or .jsonl.gz files in {root}")
     records = {split: [record for file in files[split] for record in read_records(file)] for split in SPLITS}
-    return _build("ultrafeedback", records, ultrafeedback_pair, options, seed, str(root))
+    return _build("ultrafeedback", records, ultrafeedback_pair, options, str(root))
 
 
-def _load_unpaired(name: str, options: Mapping, seed: int) -> dict[str, list[Example]]:
+def _load_unpaired(name: str, options: Mapping) -> dict[str, list[Example]]:
     """One set of labelled responses, the hub's `train` split or a local file: `holdout` of them are the test split."""
     if options.get("path"):
         path = Path(options["path"]).expanduser()
-        return _build(name, {"train": read_records(path), "test": []}, labelled_response, options, seed, str(path))
+        return _build(name, {"train": read_records(path), "test": []}, labelled_response, options, str(path))
     records = {"train": _hub_records(options["hub_name"], "train"), "test": []}
-    return _build(name, records, labelled_response, options, seed, options["hub_name"])
+    return _build(name, records, labelled_response, options, options["hub_name"])
 
 
-def load_ultrafeedback_unpaired(options: Mapping, seed: int) -> dict[str, list[Example]]:
+def load_ultrafeedback_unpaired(options: Mapping) -> dict[str, list[Example]]:
     """UltraFeedback for KTO (argilla's cleaned binarization): single-turn string prompts and completions,
     `label` true for a preferred response. Local `path`: a .jsonl or .jsonl.gz file of the same columns."""
-    return _load_unpaired("ultrafeedback_unpaired", options, seed)
+    return _load_unpaired("ultrafeedback_unpaired", options)
 
 
-def load_capybara_unpaired(options: Mapping, seed: int) -> dict[str, list[Example]]:
+def load_capybara_unpaired(options: Mapping) -> dict[str, list[Example]]:
     """Capybara for KTO (argilla's distilabel binarization): multi-turn prompts as chat messages, the
     response in a message list. Local `path`: a .jsonl or .jsonl.gz file of the same columns."""
-    return _load_unpaired("capybara_unpaired", options, seed)
+    return _load_unpaired("capybara_unpaired", options)
 
 
 def _tldr_local_records(root: Path) -> dict[str, list[Record]]:
@@ -466,18 +523,18 @@ def _tldr_local_records(root: Path) -> dict[str, list[Record]]:
     return records
 
 
-def load_tldr(options: Mapping, seed: int) -> dict[str, list[Example]]:
+def load_tldr(options: Mapping) -> dict[str, list[Example]]:
     """OpenAI's summarize-from-feedback TL;DR comparisons: the hub's `comparisons` config (train and
     validation), or a local folder of the release's batch files (../shared/data/tldr-comparisons
     has validation batches only, so `holdout` of them are held out and the rest trained on)."""
     if options.get("path"):
         root = _folder("tldr", options["path"])
-        return _build("tldr", _tldr_local_records(root), tldr_pair, options, seed, str(root))
+        return _build("tldr", _tldr_local_records(root), tldr_pair, options, str(root))
     records = {split: _hub_records(options["hub_name"], hub_split, "comparisons") for split, hub_split in TLDR_HUB_SPLITS.items()}
-    return _build("tldr", records, tldr_pair, options, seed, options["hub_name"])
+    return _build("tldr", records, tldr_pair, options, options["hub_name"])
 
 
-def load_kto_jsonl(options: Mapping, seed: int) -> dict[str, list[Example]]:
+def load_kto_jsonl(options: Mapping) -> dict[str, list[Example]]:
     """Local unpaired data: JSON Lines of prompt/completion/label records, or LLaMA-Factory's KTO JSON
     array (../shared/data/llama-factory-demo/kto_en_demo.json); no `test_path`: `holdout` are held out."""
     if not options.get("train_path"):
@@ -485,10 +542,10 @@ def load_kto_jsonl(options: Mapping, seed: int) -> dict[str, list[Example]]:
     records = {"train": read_records(Path(options["train_path"]).expanduser()), "test": []}
     if options.get("test_path"):
         records["test"] = read_records(Path(options["test_path"]).expanduser())
-    return _build("kto_jsonl", records, labelled_response, options, seed, options["train_path"])
+    return _build("kto_jsonl", records, labelled_response, options, options["train_path"])
 
 
-LOADERS: dict[str, Callable[[Mapping, int], dict[str, list[Example]]]] = {
+LOADERS: dict[str, Callable[[Mapping], dict[str, list[Example]]]] = {
     "hh": load_hh,
     "jsonl": load_jsonl,
     "demo": load_demo,
@@ -500,8 +557,11 @@ LOADERS: dict[str, Callable[[Mapping, int], dict[str, list[Example]]]] = {
 }
 
 
-def load_datasets(datasets_cfg: Mapping, seed: int) -> dict[str, list[Example]]:
-    """Load and mix the configured datasets (`datasets.<name>.*`) into train and test lists."""
+def load_datasets(datasets_cfg: Mapping) -> dict[str, list[Example]]:
+    """Load and mix the configured datasets (`datasets.<name>.*`) into train and test lists.
+
+    Which examples are held out depends on the datasets' options alone (their `seed`), never on
+    the run's seed; no training example is an exact duplicate of a held-out one."""
     if not datasets_cfg:
         raise DataError("datasets: the list is empty; choose at least one, e.g. datasets=[demo]")
     mixed: dict[str, list[Example]] = {split: [] for split in SPLITS}
@@ -509,7 +569,7 @@ def load_datasets(datasets_cfg: Mapping, seed: int) -> dict[str, list[Example]]:
         loader = LOADERS.get(options.get("loader", name))
         if loader is None:
             raise DataError(f"datasets.{name}: no loader named {options.get('loader', name)!r} (known: {', '.join(LOADERS)})")
-        splits = loader(options, seed)
+        splits = drop_leaked(name, loader(options))
         for split in SPLITS:
             limit = options.get(f"max_{split}_examples")
             mixed[split] += splits[split][:limit] if limit else splits[split]

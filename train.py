@@ -26,7 +26,17 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from eval.plots import plot_metrics
-from preference_datasets import Example, LabelledResponse, PairTokenizer, PreferencePair, as_items, load_datasets, require_pairs
+from preference_datasets import (
+    Example,
+    LabelledResponse,
+    PairTokenizer,
+    PreferencePair,
+    as_items,
+    evaluation_slice,
+    fingerprint,
+    load_datasets,
+    require_pairs,
+)
 from trainers import TRAINERS
 from trainers.basic import BasicTrainer, MetricsLog
 from trainers.losses import WEIGHTINGS, loss_setting
@@ -181,16 +191,27 @@ def contrast_embeddings(cfg: DictConfig, examples: dict[str, list]) -> dict[str,
 
 
 def prepare_examples(cfg: DictConfig, examples: dict[str, list[Example]]) -> dict[str, list[Example]]:
-    """Pairs for the paired losses; single labelled responses for unpaired ones (`loss.paired=false`)."""
+    """Pairs for the paired losses; single labelled responses for unpaired ones (`loss.paired=false`);
+    of the held-out ones, those every evaluation scores (`train.max_eval_examples`)."""
     has_unpaired = any(isinstance(e, LabelledResponse) for rows in examples.values() for e in rows)
     paired = cfg.loss.get("paired", True) and not (cfg.loss.name == "sft" and has_unpaired)
     if cfg.loss.name == "kto" and paired:
         raise ConfigError("loss=kto judges responses one at a time: it needs loss.paired=false")
     if not paired and loss_weighting(cfg) in ("diagonal", "diagonal_emphasis"):
         raise ConfigError(f"loss.weighting={loss_weighting(cfg)} contrasts the two responses of one prompt: it needs loss.paired=true")
-    if paired:
-        return {split: require_pairs(rows, cfg.loss.name) for split, rows in examples.items()}
-    return {split: as_items(rows) for split, rows in examples.items()}
+    prepared = {split: require_pairs(rows, cfg.loss.name) if paired else as_items(rows) for split, rows in examples.items()}
+    return {**prepared, "test": evaluation_slice(prepared["test"], cfg.train.max_eval_examples)}
+
+
+def held_out_record(split: list[Example], evaluated: list[Example]) -> dict:
+    """Size and content hash of the held-out split and of what evaluations score: two runs with
+    the same ones were judged on the same examples."""
+    return {
+        "examples": len(split),
+        "fingerprint": fingerprint(split),
+        "evaluated": len(evaluated),
+        "evaluated_fingerprint": fingerprint(evaluated),
+    }
 
 
 def tokenize_examples(cfg: DictConfig, tokenizer, examples: dict[str, list[Example]]) -> dict[str, list]:
@@ -223,12 +244,17 @@ def start_wandb(cfg: DictConfig, run_dir: Path):
     )
 
 
-def report(results: dict, run_dir: Path, final_model: Path, loss_name: str) -> dict:
+def report(results: dict, run_dir: Path, final_model: Path, cfg: DictConfig) -> dict:
     """Write summary.json and print where the model is and its held-out accuracy over the stages."""
     first = next(iter(results.values()))["initial_eval"]
     accuracy = [("start", first.get("logp_accuracy"))]
     accuracy += [(f"after {stage}", result["final_eval"].get("logp_accuracy")) for stage, result in results.items()]
-    summary = {"final_model": str(final_model), "logp_accuracy": dict(accuracy), "stages": results}
+    summary = {
+        "final_model": str(final_model),
+        "logp_accuracy": dict(accuracy),
+        "heldout": OmegaConf.to_container(cfg.heldout),
+        "stages": results,
+    }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\nFinal model: {final_model}")
     if first.get("logp_accuracy") is not None:  # pairs only: unpaired data has no same-prompt comparison
@@ -236,7 +262,7 @@ def report(results: dict, run_dir: Path, final_model: Path, loss_name: str) -> d
         print(f"Held-out preference accuracy (log pi(chosen) > log pi(rejected)): {steps}")
     if "align" in results:
         final = results["align"]["final_eval"]
-        print(f"Held-out {loss_name} reward accuracy {final['rewards/accuracy']:.3f}, margin {final['rewards/margin']:.4f}")
+        print(f"Held-out {cfg.loss.name} reward accuracy {final['rewards/accuracy']:.3f}, margin {final['rewards/margin']:.4f}")
     print(f"Metrics: {run_dir / 'metrics.jsonl'}, plotted in {plot_metrics(run_dir / 'metrics.jsonl')}")
     return summary
 
@@ -247,13 +273,15 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
         raise ConfigError(f"trainer={cfg.trainer}: choose one of {', '.join(TRAINERS)}")
     trainer_class = TRAINERS[cfg.trainer]
     trainer_class.launch(cfg)
+    loaded = load_datasets(cfg.datasets)
+    examples = prepare_examples(cfg, loaded)
+    cfg.heldout = held_out_record(loaded["test"], examples["test"])  # saved in config.yaml; resume compares it
     run_dir = on_main_process(lambda: prepare_run_dir(cfg, output_dir))  # every process writes into rank 0's
     if not is_main_process():
         discard_stray_output(output_dir, run_dir)
     seed_everything(cfg.seed)
     with main_process_first():  # rank 0 fills the cache (converted models) before the others read it
         tokenizer = load_tokenizer(cfg)
-    examples = prepare_examples(cfg, load_datasets(cfg.datasets, cfg.seed))
     data = tokenize_examples(cfg, tokenizer, examples)
     embeddings = contrast_embeddings(cfg, examples)
     metrics = MetricsLog(run_dir / "metrics.jsonl", start_wandb(cfg, run_dir) if is_main_process() else None)
@@ -274,7 +302,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
         offset = results[stage]["metrics_offset"]
     if metrics.wandb_run is not None:
         metrics.wandb_run.finish()
-    return on_main_process(lambda: report(results, run_dir, final_model, cfg.loss.name))
+    return on_main_process(lambda: report(results, run_dir, final_model, cfg))
 
 
 @record  # under torchrun: the failing process's traceback goes into the launcher's error summary

@@ -29,7 +29,7 @@ def step_seconds(overrides: list[str], steps: int, run_dir: Path) -> float:
     with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
         cfg = compose("config", overrides=overrides)
     tokenizer = train.load_tokenizer(cfg)
-    data = train.tokenize_examples(cfg, tokenizer, train.prepare_examples(cfg, load_datasets(cfg.datasets, cfg.seed)))
+    data = train.tokenize_examples(cfg, tokenizer, train.prepare_examples(cfg, load_datasets(cfg.datasets)))
     policy = train.load_policy(cfg, tokenizer)
     trainer = BasicTrainer(cfg, "align", policy, tokenizer, data, run_dir, MetricsLog(run_dir / "metrics.jsonl"))
     times = []

@@ -40,7 +40,7 @@ def build(cfg, folder: Path, stage: str = "align"):
     """A trainer of `cfg.trainer` over the configured data with a freshly initialised policy."""
     with main_process_first():
         tokenizer = train.load_tokenizer(cfg)
-    examples = train.prepare_examples(cfg, load_datasets(cfg.datasets, cfg.seed))
+    examples = train.prepare_examples(cfg, load_datasets(cfg.datasets))
     data = train.tokenize_examples(cfg, tokenizer, examples)
     policy = train.load_policy(cfg, tokenizer)
     metrics = MetricsLog(folder / "metrics.jsonl")

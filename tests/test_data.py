@@ -37,7 +37,7 @@ def test_hh_split_keeps_every_turn():
 
 
 def test_hh_local_folder_with_test_files_only_is_split(hh_folder):
-    splits = load_hh({**HH_OPTIONS, "path": str(hh_folder)}, seed=0)
+    splits = load_hh({**HH_OPTIONS, "path": str(hh_folder)})
     assert len(splits["test"]) == 4 and len(splits["train"]) == 20
     assert not {p.chosen for p in splits["test"]} & {p.chosen for p in splits["train"]}
     multi_turn = [p for p in splits["train"] + splits["test"] if len(p.prompt) == 3]
@@ -56,7 +56,7 @@ def test_hh_skips_rows_with_different_prompts_or_equal_responses(tmp_path, capsy
     for split in ("train", "test"):
         with gzip.open(tmp_path / "helpful-base" / f"{split}.jsonl.gz", "wt") as handle:
             handle.writelines(json.dumps(row) + "\n" for row in rows)
-    splits = load_hh({**HH_OPTIONS, "path": str(tmp_path)}, seed=0)
+    splits = load_hh({**HH_OPTIONS, "path": str(tmp_path)})
     assert [p.chosen for p in splits["train"]] == ["yes"]
     assert "skipped 4 rows" in capsys.readouterr().out
 
@@ -69,7 +69,7 @@ def test_hh_from_the_hub_name(monkeypatch):
         return [{"chosen": hh_dialogue([f"{data_dir} {split}?"], "good"), "rejected": hh_dialogue([f"{data_dir} {split}?"], "bad")}]
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    splits = load_hh({**HH_OPTIONS, "subsets": ["helpful-base", "harmless-base"]}, seed=0)
+    splits = load_hh({**HH_OPTIONS, "subsets": ["helpful-base", "harmless-base"]})
     assert ("Anthropic/hh-rlhf", "harmless-base", "test") in calls
     assert len(splits["train"]) == 2 and splits["train"][0].prompt[0]["content"] == "helpful-base train?"
 
@@ -81,7 +81,7 @@ def test_hh_bad_file_names_file_and_line(tmp_path):
     with gzip.open(tmp_path / "helpful-base" / "test.jsonl.gz", "wt") as handle:
         handle.write(json.dumps({"chosen": hh_dialogue(["q"], "a"), "rejected": hh_dialogue(["q"], "b")}) + "\n{oops\n")
     with pytest.raises(DataError, match=r"test.jsonl.gz, line 2: invalid JSON"):
-        load_hh({**HH_OPTIONS, "path": str(tmp_path)}, seed=0)
+        load_hh({**HH_OPTIONS, "path": str(tmp_path)})
 
 
 def write_jsonl(path, records):
@@ -102,7 +102,7 @@ def test_jsonl_accepts_strings_and_chat_messages(tmp_path):
         ],
     )
     test = write_jsonl(tmp_path / "test.jsonl", [{"prompt": "t?", "chosen": "c", "rejected": "r"}])
-    splits = load_jsonl({"train_path": str(train), "test_path": str(test), "holdout": 1}, seed=0)
+    splits = load_jsonl({"train_path": str(train), "test_path": str(test), "holdout": 1})
     assert splits["train"][0] == PreferencePair([{"role": "user", "content": "plain?"}], "good", "bad", "jsonl")
     assert splits["train"][1].prompt[0] == {"role": "system", "content": "be nice"}
     assert (splits["train"][1].chosen, splits["train"][1].rejected) == ("kind", "rude")
@@ -122,12 +122,12 @@ def test_jsonl_bad_records_name_file_and_line(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "p", "chosen": "c", "rejected": "r"}\n' + line + "\n")
     with pytest.raises(DataError, match="bad.jsonl, " + message):
-        load_jsonl({"train_path": str(path), "test_path": None, "holdout": 1}, seed=0)
+        load_jsonl({"train_path": str(path), "test_path": None, "holdout": 1})
 
 
 def test_demo_is_deterministic_held_out_and_topical():
     options = {"seed": 0, "train_size": 64, "test_size": 16}
-    first, second = load_demo(options, seed=0), load_demo(options, seed=123)
+    first, second = load_demo(options), load_demo(options)
     assert first == second
     train_prompts = {p.prompt[0]["content"] for p in first["train"]}
     assert not train_prompts & {p.prompt[0]["content"] for p in first["test"]}
@@ -143,11 +143,11 @@ def test_datasets_are_mixed_and_capped(tmp_path):
         "demo": {"seed": 0, "train_size": 8, "test_size": 4},
         "jsonl": {"train_path": str(train), "test_path": None, "holdout": 2, "max_train_examples": 5},
     }
-    mixed = load_datasets(cfg, seed=0)
+    mixed = load_datasets(cfg)
     assert [p.source for p in mixed["train"]].count("jsonl") == 5 and len(mixed["train"]) == 13
     assert len(mixed["test"]) == 6
     with pytest.raises(DataError, match="datasets.nope: no loader named 'nope'"):
-        load_datasets({"nope": {}}, seed=0)
+        load_datasets({"nope": {}})
 
 
 # ------------------------------------------------------------------------------ tokenization

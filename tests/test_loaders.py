@@ -81,7 +81,7 @@ def test_ultrafeedback_local_folder_of_flat_strings_and_messages(tmp_path, capsy
         ],
     )
     write_lines(tmp_path / "test.jsonl", [{"prompt": "t", "chosen": "c", "rejected": "r"}])
-    splits = load_ultrafeedback({**UF_OPTIONS, "path": str(tmp_path)}, seed=0)
+    splits = load_ultrafeedback({**UF_OPTIONS, "path": str(tmp_path)})
     assert splits["train"] == [
         PreferencePair(user("p1"), "good", "bad", "ultrafeedback"),
         PreferencePair(user("p4"), "kind", "rude", "ultrafeedback"),
@@ -97,7 +97,7 @@ def test_ultrafeedback_hub_prompt_is_every_turn_before_the_response(hub, capsys)
             {"prompt": "first?", "chosen": context + assistant(f"good {split}"), "rejected": context + assistant("bad")},
             {"prompt": "x", "chosen": user("x") + assistant("a"), "rejected": user("y") + assistant("b")},
         ]
-    splits = load_ultrafeedback(UF_OPTIONS, seed=0)
+    splits = load_ultrafeedback(UF_OPTIONS)
     assert hub.calls == [(UF_OPTIONS["hub_name"], None, "train_prefs"), (UF_OPTIONS["hub_name"], None, "test_prefs")]
     assert splits["train"] == [PreferencePair(context, "good train_prefs", "bad", "ultrafeedback")]
     assert splits["test"][0].chosen == "good test_prefs"
@@ -106,12 +106,12 @@ def test_ultrafeedback_hub_prompt_is_every_turn_before_the_response(hub, capsys)
 
 def test_ultrafeedback_local_folder_with_test_file_only_is_split(tmp_path):
     write_lines(tmp_path / "test.jsonl", [{"prompt": f"p{i}", "chosen": f"c{i}", "rejected": "r"} for i in range(10)])
-    splits = load_ultrafeedback({**UF_OPTIONS, "path": str(tmp_path), "holdout": 3}, seed=0)
+    splits = load_ultrafeedback({**UF_OPTIONS, "path": str(tmp_path), "holdout": 3})
     assert len(splits["test"]) == 3 and len(splits["train"]) == 7
     assert not {p.chosen for p in splits["test"]} & {p.chosen for p in splits["train"]}
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="datasets.ultrafeedback.path: no train/test"):
-        load_ultrafeedback({**UF_OPTIONS, "path": str(tmp_path / "empty")}, seed=0)
+        load_ultrafeedback({**UF_OPTIONS, "path": str(tmp_path / "empty")})
 
 
 # ------------------------------------------------------------------------------ unpaired (KTO)
@@ -126,7 +126,7 @@ UNPAIRED = [
 def test_unpaired_hub_train_split_is_held_out(hub, loader, hub_name, capsys):
     rows = [{"prompt": f"q{i}", "completion": f"answer {i}", "label": i % 2 == 0} for i in range(8)]
     hub.rows[(hub_name, None, "train")] = [*rows, {"prompt": "q", "completion": " ", "label": True}]
-    splits = loader({"hub_name": hub_name, "path": None, "holdout": 3}, seed=0)
+    splits = loader({"hub_name": hub_name, "path": None, "holdout": 3})
     assert hub.calls == [(hub_name, None, "train")]
     assert len(splits["test"]) == 3 and len(splits["train"]) == 5
     assert sorted(r.response for r in splits["train"] + splits["test"]) == [f"answer {i}" for i in range(8)]
@@ -142,12 +142,12 @@ def test_unpaired_local_file_takes_strings_and_messages(tmp_path, loader, hub_na
         {"prompt": conversation, "completion": assistant("chat answer"), "label": False},
     ]
     path = write_lines(tmp_path / "kto.jsonl.gz", rows * 3)
-    splits = loader({"hub_name": hub_name, "path": str(path), "holdout": 2}, seed=0)
+    splits = loader({"hub_name": hub_name, "path": str(path), "holdout": 2})
     examples = splits["train"] + splits["test"]
     source = loader.__name__.removeprefix("load_")
     assert LabelledResponse(user("plain?"), "plain answer", True, source) in examples
     assert LabelledResponse(conversation, "chat answer", False, source) in examples
-    assert len(splits["test"]) == 2 and len(examples) == 6
+    assert len(splits["test"]) == 3 and len(examples) == 6  # holding out 2 takes a whole prompt: its 3 responses
 
 
 # ------------------------------------------------------------------------------ TL;DR comparisons
@@ -168,7 +168,7 @@ def comparison(post_id: str, split: str, texts: tuple[str, str], choice: int) ->
 def test_tldr_prompt_format_choice_and_splits(tmp_path, capsys):
     write_lines(tmp_path / "batch3.json", [comparison("a", "train", ("first", "second"), 1), comparison("b", "valid1", ("x", "x"), 0)])
     write_lines(tmp_path / "batch13.json.gz", [comparison("c", "valid2", ("good", "bad"), 0)])
-    splits = load_tldr({"hub_name": TLDR_HUB, "path": str(tmp_path), "holdout": 1}, seed=0)
+    splits = load_tldr({"hub_name": TLDR_HUB, "path": str(tmp_path), "holdout": 1})
     prompt = user("SUBREDDIT: r/tifu\nTITLE: Title a\nPOST: Body of a.\nTL;DR:")
     assert splits["train"] == [PreferencePair(prompt, "second", "first", "tldr")]
     assert [(p.chosen, p.rejected) for p in splits["test"]] == [("good", "bad")]
@@ -177,7 +177,7 @@ def test_tldr_prompt_format_choice_and_splits(tmp_path, capsys):
 
 def test_tldr_validation_files_only_are_held_out(tmp_path):
     write_lines(tmp_path / "batch18.json", [comparison(f"p{i}", f"valid{1 + i % 2}", (f"s{i}", "t"), 0) for i in range(9)])
-    splits = load_tldr({"hub_name": TLDR_HUB, "path": str(tmp_path), "holdout": 4}, seed=0)
+    splits = load_tldr({"hub_name": TLDR_HUB, "path": str(tmp_path), "holdout": 4})
     assert len(splits["test"]) == 4 and len(splits["train"]) == 5
     assert not {p.chosen for p in splits["test"]} & {p.chosen for p in splits["train"]}
 
@@ -186,7 +186,7 @@ def test_tldr_hub_comparisons_config_skips_news_articles(hub, capsys):
     article = {**comparison("cnn", "valid2", ("a", "b"), 0), "info": {"id": "cnn", "post": None, "article": "News.", "title": "T"}}
     hub.rows[(TLDR_HUB, "comparisons", "train")] = [comparison("a", "train", ("one", "two"), 0)]
     hub.rows[(TLDR_HUB, "comparisons", "validation")] = [comparison("b", "valid1", ("three", "four"), 1), article]
-    splits = load_tldr({"hub_name": TLDR_HUB, "path": None, "holdout": 1}, seed=0)
+    splits = load_tldr({"hub_name": TLDR_HUB, "path": None, "holdout": 1})
     assert hub.calls == [(TLDR_HUB, "comparisons", "train"), (TLDR_HUB, "comparisons", "validation")]
     assert [(p.chosen, p.rejected) for p in splits["train"] + splits["test"]] == [("one", "two"), ("four", "three")]
     assert "skipped 1 rows (a news article, not a Reddit post: 1)" in capsys.readouterr().out
@@ -203,7 +203,7 @@ def test_kto_jsonl_reads_llama_factory_json_arrays(tmp_path):
     train = tmp_path / "kto_en_demo.json"
     train.write_text(json.dumps(rows, indent=2))
     test = write_lines(tmp_path / "test.jsonl", [{"prompt": "t?", "completion": "t!", "label": True}])
-    splits = load_kto_jsonl({"train_path": str(train), "test_path": str(test), "holdout": 1}, seed=0)
+    splits = load_kto_jsonl({"train_path": str(train), "test_path": str(test), "holdout": 1})
     assert splits["train"] == [
         LabelledResponse(user("q1") + assistant("a1") + user("q2"), "judged", True, "kto_jsonl"),
         LabelledResponse(user("q3"), "bad one", False, "kto_jsonl"),
@@ -214,14 +214,14 @@ def test_kto_jsonl_reads_llama_factory_json_arrays(tmp_path):
 def test_kto_jsonl_without_test_path_is_held_out_and_mixes_with_pairs(tmp_path):
     path = write_lines(tmp_path / "train.jsonl", [{"prompt": f"q{i}", "completion": f"a{i}", "label": i < 5} for i in range(10)])
     cfg = {"kto_jsonl": {"train_path": str(path), "test_path": None, "holdout": 3, "max_train_examples": 4}}
-    mixed = load_datasets({**cfg, "demo": {"seed": 0, "train_size": 2, "test_size": 2}}, seed=0)
+    mixed = load_datasets({**cfg, "demo": {"seed": 0, "train_size": 2, "test_size": 2}})
     assert [type(e) for e in mixed["train"]] == [LabelledResponse] * 4 + [PreferencePair] * 2
     assert len(mixed["test"]) == 3 + 2
 
 
 def test_kto_jsonl_needs_a_train_path():
     with pytest.raises(DataError, match="datasets.kto_jsonl.train_path: set it"):
-        load_kto_jsonl({"train_path": None, "test_path": None, "holdout": 1}, seed=0)
+        load_kto_jsonl({"train_path": None, "test_path": None, "holdout": 1})
 
 
 def test_kto_json_array_errors_name_the_line(tmp_path):
@@ -230,10 +230,10 @@ def test_kto_json_array_errors_name_the_line(tmp_path):
     path.write_text(json.dumps([good, good, {"messages": user("q") + assistant("a"), "label": "yes"}], indent=1))
     line = [number for number, text in enumerate(path.read_text().split("\n"), start=1) if text == " {"][2]  # the third item
     with pytest.raises(DataError, match=f"kto.json, line {line}: 'label' must be true or false, got 'yes'"):
-        load_kto_jsonl({"train_path": str(path), "test_path": None, "holdout": 1}, seed=0)
+        load_kto_jsonl({"train_path": str(path), "test_path": None, "holdout": 1})
     path.write_text('[\n {"messages": [], "label": true},\n oops\n]')
     with pytest.raises(DataError, match="kto.json, line 3: invalid JSON"):
-        load_kto_jsonl({"train_path": str(path), "test_path": None, "holdout": 1}, seed=0)
+        load_kto_jsonl({"train_path": str(path), "test_path": None, "holdout": 1})
 
 
 # ------------------------------------------------------------------------------ bad rows, every loader
@@ -276,4 +276,4 @@ BAD_ROWS = [
 def test_bad_rows_name_file_and_line(tmp_path, name, bad, message):
     options, file = local_options(name, tmp_path, bad)
     with pytest.raises(DataError, match=f"{file}, line 2: {message}"):
-        LOADERS[name](options, 0)
+        LOADERS[name](options)

@@ -103,7 +103,7 @@ def test_paired_loop_loss_equals_the_equation_by_hand(make_cfg, tmp_path, shared
     seen = captured_loss_inputs(monkeypatch)
     trainer = perturbed(build(cfg, tmp_path))
     loss_cfg = {**dict(cfg.loss), "weighting": cfg.loss.weighting}
-    pairs = train.prepare_examples(cfg, load_datasets(cfg.datasets, cfg.seed))["train"]
+    pairs = train.prepare_examples(cfg, load_datasets(cfg.datasets))["train"]
     indices = [5, 17, 2, 40, 33]
     batch = collate([trainer.train_set[i] for i in indices], indices, trainer.pad_id)
     loss, stats = trainer.batch_loss(batch, "train")
@@ -147,7 +147,7 @@ def test_unpaired_loop_rows_get_their_own_prompt_embeddings(make_cfg, tmp_path, 
     cfg = make_cfg("loss=rpo_unpaired", "sft.enabled=false", "loss.beta=1.0")
     seen = captured_loss_inputs(monkeypatch)
     trainer = perturbed(build(cfg, tmp_path))
-    items = train.prepare_examples(cfg, load_datasets(cfg.datasets, cfg.seed))["train"]
+    items = train.prepare_examples(cfg, load_datasets(cfg.datasets))["train"]
     indices = [8, 30, 51, 3, 12, 44, 61]  # desirable first, as training batches hold them
     desirable = [i for i in indices if items[i].desirable]
     undesirable = [i for i in indices if not items[i].desirable]

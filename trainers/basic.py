@@ -173,7 +173,7 @@ class BasicTrainer:
         self.loss_cfg = OmegaConf.to_container(cfg.loss) if stage == "align" else {"name": "sft"}
         self.train_set = data["train"]
         self.paired = isinstance(self.train_set[0], TokenizedPair)
-        self.test_set = self.held_out(data["test"], cfg.train.max_eval_examples)
+        self.test_set = self.checked_held_out(data["test"])
         self.stage_dir, self.metrics, self.embeddings = stage_dir, metrics, embeddings
         self.kto = self.loss_cfg["name"] == "kto"
         self.self_refined = stage == "align" and bool(self.loss_cfg.get("sr_lambda"))
@@ -239,22 +239,16 @@ class BasicTrainer:
             planned -= last
         return planned
 
-    def held_out(self, examples: Sequence, limit: int | None) -> list:
-        """The first `limit` held-out examples; of unpaired ones, the first of each side in the held-out
-        set's proportions, so that every evaluation batch can hold both (checked)."""
-        if self.paired or not limit or len(examples) <= limit:
-            kept = list(examples[: limit or None])
-        else:
-            sides = [i for i, e in enumerate(examples) if e.desirable], [i for i, e in enumerate(examples) if not e.desirable]
-            desirable = min(len(sides[0]), max(1, round(limit * len(sides[0]) / len(examples))), limit - bool(sides[1]))
-            kept = [examples[i] for i in sorted(sides[0][:desirable] + sides[1][: limit - desirable])]
+    def checked_held_out(self, examples: Sequence) -> Sequence:
+        """The held-out examples (`evaluation_slice` chose them), refused if this stage cannot evaluate
+        them: unpaired alignment needs both sides, unpaired SFT desirable responses."""
         if not self.paired:
-            desirable = sum(e.desirable for e in kept)
-            one_sided = desirable == len(kept) and self.stage == "align"
+            desirable = sum(e.desirable for e in examples)
+            one_sided = desirable == len(examples) and self.stage == "align"
             missing = "desirable" if not desirable else "undesirable" if one_sided else None
             if missing:
-                raise ConfigError(f"the held-out split ({len(kept)} responses) has no {missing} response; {self.stage} needs one")
-        return kept
+                raise ConfigError(f"the held-out split ({len(examples)} responses) has no {missing} response; {self.stage} needs one")
+        return examples
 
     def build_sampler(self) -> EpochSampler | BalancedSampler:
         """Pairs: all of them. Unpaired SFT: the desirable responses. Unpaired alignment: both sides."""
