@@ -49,7 +49,7 @@ def run_variant(head: str, reference: str, steps: int, pairs: int, max_length: i
     path = resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct")
     tokenizer = AutoTokenizer.from_pretrained(path)
     policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    data = load_hh({"path": str(ROOT.parent / "shared" / "data" / "hh-rlhf"), "subsets": ["helpful-base"], "holdout": 8}, seed=0)
+    data = load_hh({"path": str(ROOT.parent / "shared" / "data" / "hh-rlhf"), "subsets": ["helpful-base"], "holdout": 8, "seed": 0})
     encode = PairTokenizer(tokenizer, max_length, max_length // 2)
     examples = [encode(p) for p in data["train"][: pairs * (steps + 1)]]
     logps_fn = full_logits_logps if head == "full-logits" else response_logps
