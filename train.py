@@ -203,6 +203,15 @@ def prepare_examples(cfg: DictConfig, examples: dict[str, list[Example]]) -> dic
     return {**prepared, "test": evaluation_slice(prepared["test"], cfg.train.max_eval_examples)}
 
 
+def load_examples(cfg: DictConfig) -> dict[str, list[Example]]:
+    """The configured datasets, prepared for the loss; records the held-out set in `cfg.heldout`
+    (saved in config.yaml, so a resumed run is checked to hold out the same examples)."""
+    loaded = load_datasets(cfg.datasets)
+    examples = prepare_examples(cfg, loaded)
+    cfg.heldout = held_out_record(loaded["test"], examples["test"])
+    return examples
+
+
 def held_out_record(split: list[Example], evaluated: list[Example]) -> dict:
     """Size and content hash of the held-out split and of what evaluations score: two runs with
     the same ones were judged on the same examples."""
@@ -273,15 +282,13 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
         raise ConfigError(f"trainer={cfg.trainer}: choose one of {', '.join(TRAINERS)}")
     trainer_class = TRAINERS[cfg.trainer]
     trainer_class.launch(cfg)
-    loaded = load_datasets(cfg.datasets)
-    examples = prepare_examples(cfg, loaded)
-    cfg.heldout = held_out_record(loaded["test"], examples["test"])  # saved in config.yaml; resume compares it
-    run_dir = on_main_process(lambda: prepare_run_dir(cfg, output_dir))  # every process writes into rank 0's
-    if not is_main_process():
-        discard_stray_output(output_dir, run_dir)
     seed_everything(cfg.seed)
     with main_process_first():  # rank 0 fills the cache (converted models) before the others read it
         tokenizer = load_tokenizer(cfg)
+    examples = load_examples(cfg)
+    run_dir = on_main_process(lambda: prepare_run_dir(cfg, output_dir))  # every process writes into rank 0's
+    if not is_main_process():
+        discard_stray_output(output_dir, run_dir)
     data = tokenize_examples(cfg, tokenizer, examples)
     embeddings = contrast_embeddings(cfg, examples)
     metrics = MetricsLog(run_dir / "metrics.jsonl", start_wandb(cfg, run_dir) if is_main_process() else None)

@@ -41,14 +41,14 @@ def test_prompt_embeddings_are_encoded_once_and_cached(make_cfg, tmp_path, monke
     monkeypatch.setattr(sentence_transformers.SentenceTransformer, "encode", counting_encode)
     cfg = make_cfg("loss=rpo", "sft.enabled=false", "datasets.demo.seed=77")  # data no other test embeds
     train.run(cfg, tmp_path / "first")
-    assert calls == [256, 64]  # train and test prompts, each once, none during training
+    assert calls == [256, 8]  # train and evaluated held-out prompts, each once, none during training
     train.run(cfg, tmp_path / "second")
-    assert calls == [256, 64]  # the second run reads the cache
+    assert calls == [256, 8]  # the second run reads the cache
     assert len(list((shared_cache / "embeddings").glob("*.pt"))) >= 2
 
 
 def test_prompt_response_embeddings_differ_per_side(make_cfg, tmp_path):
-    examples = train.prepare_examples(make_cfg("loss=rpo"), train.load_datasets(make_cfg().datasets, 0))
+    examples = train.prepare_examples(make_cfg("loss=rpo"), train.load_datasets(make_cfg().datasets))
     cfg = make_cfg("loss=rpo", "loss.embedding.input=prompt_response")
     chosen, rejected = train.contrast_embeddings(cfg, examples)["test"]
     assert chosen.shape == rejected.shape and not torch.equal(chosen, rejected)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import subprocess
 import sys
@@ -178,13 +179,30 @@ def test_resume_true_finds_the_latest_unfinished_run(make_cfg, tmp_path, monkeyp
         interrupt_after(patch, "align", 2)
         with pytest.raises(Interrupt):
             train.run(cfg, tmp_path / "runs" / "dpo_tiny" / "first")
-    assert train.resolve_run_dir(make_cfg("resume=true"), tmp_path / "new") == tmp_path / "runs" / "dpo_tiny" / "first"
+    def loaded_cfg(*overrides):  # as train.run builds it: with the held-out record resume compares
+        cfg = make_cfg(*overrides)
+        train.load_examples(cfg)
+        return cfg
+
+    assert train.resolve_run_dir(loaded_cfg("resume=true"), tmp_path / "new") == tmp_path / "runs" / "dpo_tiny" / "first"
     with pytest.raises(train.ConfigError, match="no unfinished run with this config"):
-        train.resolve_run_dir(make_cfg("resume=true", "loss.beta=0.3"), tmp_path / "new")
+        train.resolve_run_dir(loaded_cfg("resume=true", "loss.beta=0.3"), tmp_path / "new")
     with pytest.raises(train.ConfigError, match=r"differs from the saved one in \['loss'\]"):
-        train.resolve_run_dir(make_cfg(f"resume={tmp_path / 'runs' / 'dpo_tiny' / 'first'}", "loss.beta=0.3"), tmp_path)
+        train.resolve_run_dir(loaded_cfg(f"resume={tmp_path / 'runs' / 'dpo_tiny' / 'first'}", "loss.beta=0.3"), tmp_path)
     with pytest.raises(train.ConfigError, match="is not a run directory"):
-        train.resolve_run_dir(make_cfg(f"resume={tmp_path}"), tmp_path)
+        train.resolve_run_dir(loaded_cfg(f"resume={tmp_path}"), tmp_path)
+
+
+def test_resume_refuses_a_run_whose_held_out_set_changed(make_cfg, tmp_path, hh_folder):
+    """The same config over data that changed on disk: resuming would evaluate on other examples."""
+    overrides = ["loss=dpo", "sft.enabled=false", "datasets=[hh]", f"datasets.hh.path={hh_folder}", "datasets.hh.holdout=4"]
+    train.run(make_cfg(*overrides, "align.max_examples=4"), tmp_path / "run")
+    for test_file in hh_folder.glob("*/test.jsonl.gz"):
+        test_file.write_bytes(gzip.compress(gzip.decompress(test_file.read_bytes()).replace(b"good answer", b"fine answer")))
+    cfg = make_cfg(*overrides, "align.max_examples=4", f"resume={tmp_path / 'run'}")
+    train.load_examples(cfg)
+    with pytest.raises(train.ConfigError, match=r"differs from the saved one in \['heldout'\]"):
+        train.resolve_run_dir(cfg, tmp_path / "unused")
 
 
 def test_sft_only_and_alignment_from_an_archive(make_cfg, tmp_path):

@@ -1,0 +1,133 @@
+"""Peak memory of one training step against the micro-batch size, per loss (groundwork for issue 18's
+`train.micro_batch_size: auto`).
+
+    python benchmarks/memory.py [--sizes 1 2 4 8] [--losses sft dpo kto rpo] [--max-length 512]
+
+Each (loss, micro-batch) runs in its own process (peak RSS only grows): SmolLM2-135M-Instruct in
+fp32, the real `BasicTrainer` built by `train.py`'s own functions, HH pairs from
+`../shared/data/hh-rlhf` long enough to fill `--max-length` tokens (so every sequence is full
+length, the worst case the chooser must plan for), the reference log-probs precomputed (as by
+default) and one optimizer step of one micro-batch. It prints the resident memory before the step
+(model, optimizer not yet allocated, data), the peak during it, and their difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+LOSS_OVERRIDES = {
+    "sft": ["loss=sft"],
+    "dpo": ["loss=dpo"],
+    "kto": ["loss=kto"],
+    "rpo": ["loss=rpo"],
+}
+
+
+def rss_gb() -> float:
+    """The current resident set size of this process."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * resource.getpagesize() / 1e9
+
+
+def measure(loss: str, size: int, max_length: int) -> dict:
+    from hydra import compose, initialize_config_dir
+
+    import train
+    from trainers.basic import MetricsLog
+
+    cache = Path(tempfile.mkdtemp())
+    hh = str(ROOT.parent / "shared" / "data" / "hh-rlhf")
+    # unpaired losses count responses: `size` pairs give 2 x size items, as many sequences as a paired micro-batch
+    examples = size * 2 if loss == "kto" else size
+    overrides = [
+        *LOSS_OVERRIDES[loss], "model=smollm2_135m", "datasets=[hh]", f"datasets.hh.path={hh}", "datasets.hh.subsets=[helpful-base]",
+        f"max_length={max_length}", f"max_prompt_length={max_length // 2}", f"train.batch_size={examples}",
+        f"train.max_eval_examples={examples}", "train.gradient_accumulation_steps=1", f"cache_dir={cache}",
+    ]
+    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
+        cfg = compose("config", overrides=overrides)
+    stage = "sft" if loss == "sft" else "align"
+    tokenizer = train.load_tokenizer(cfg)
+    loaded = train.load_datasets(cfg.datasets)
+    longest = sorted(loaded["train"], key=lambda pair: -len(pair.chosen) - len(pair.rejected) - len(str(pair.prompt)))
+    chosen = {"train": longest[: 8 * examples], "test": loaded["test"][:examples]}
+    prepared = train.prepare_examples(cfg, chosen)
+    data = train.tokenize_examples(cfg, tokenizer, prepared)
+    policy = train.load_policy(cfg, tokenizer)
+    trainer_class = train.TRAINERS[cfg.trainer]
+    embeddings = train.contrast_embeddings(cfg, prepared)
+    trainer = trainer_class(cfg, stage, policy, tokenizer, data, cache / stage, MetricsLog(cache / "m.jsonl"), embeddings)
+    indices = trainer.sampler.take(examples)
+    batch = trainer.make_batch(trainer.train_set, indices, with_rejected=stage != "sft")
+    before = rss_gb()
+    with PeakSampler() as sampler:
+        trainer.train_step(indices)
+    sequences = len(batch["input_ids"]) + (len(batch["mismatched"]["input_ids"]) if "mismatched" in batch and loss == "kto" else 0)
+    return {
+        "loss": loss,
+        "micro_batch": examples,
+        "sequences": sequences,
+        "tokens": int(batch["attention_mask"].sum()),
+        "before_gb": round(before, 2),
+        "peak_gb": round(sampler.peak, 2),
+        "step_gb": round(sampler.peak - before, 2),
+    }
+
+
+class PeakSampler:
+    """The highest resident memory seen while the block runs (sampled every 5 ms by a thread):
+    the process's own high-water mark would include the model loading and reference passes."""
+
+    def __enter__(self) -> PeakSampler:
+        self.peak, self.running = rss_gb(), True
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def sample(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, rss_gb())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc) -> None:
+        self.running = False
+        self.thread.join()
+        self.peak = max(self.peak, rss_gb())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--losses", nargs="+", default=list(LOSS_OVERRIDES))
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # internal: loss size, in a child process
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one[0], int(args.one[1]), args.max_length)))
+        return
+    print(f"{'loss':5} {'micro-batch':>11} {'sequences':>9} {'tokens':>7} {'before':>8} {'peak':>8} {'step':>8}")
+    for loss in args.losses:
+        for size in args.sizes:
+            command = [sys.executable, __file__, "--one", loss, str(size), "--max-length", str(args.max_length)]
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode != 0:
+                print(f"{loss:5} {size:>11} failed: {result.stderr.strip().splitlines()[-1]}")
+                continue
+            row = json.loads(result.stdout.strip().splitlines()[-1])
+            print(f"{loss:5} {row['micro_batch']:>11} {row['sequences']:>9} {row['tokens']:>7} "
+                  f"{row['before_gb']:>6.2f}GB {row['peak_gb']:>6.2f}GB {row['step_gb']:>6.2f}GB", flush=True)
+
+
+if __name__ == "__main__":
+    main()
