@@ -44,6 +44,7 @@ def measure(loss: str, size: int, max_length: int) -> dict:
     from hydra import compose, initialize_config_dir
 
     import train
+    from preference_datasets import PairTokenizer
     from trainers.basic import MetricsLog
 
     cache = Path(tempfile.mkdtemp())
@@ -60,7 +61,10 @@ def measure(loss: str, size: int, max_length: int) -> dict:
     stage = "sft" if loss == "sft" else "align"
     tokenizer = train.load_tokenizer(cfg)
     loaded = train.load_datasets(cfg.datasets)
-    longest = sorted(loaded["train"], key=lambda pair: -len(pair.chosen) - len(pair.rejected) - len(str(pair.prompt)))
+    # the pairs whose both sequences are longest once tokenized (cut at max_length): the worst case
+    encode = PairTokenizer(tokenizer, cfg.max_length, cfg.max_prompt_length)
+    lengths = [min(len(t.prompt) + len(t.chosen), len(t.prompt) + len(t.rejected)) for t in map(encode, loaded["train"])]
+    longest = [loaded["train"][i] for i in sorted(range(len(lengths)), key=lambda i: -lengths[i])]
     chosen = {"train": longest[: 8 * examples], "test": loaded["test"][:examples]}
     prepared = train.prepare_examples(cfg, chosen)
     data = train.tokenize_examples(cfg, tokenizer, prepared)
