@@ -47,14 +47,14 @@ def measure(loss: str, size: int, max_length: int) -> dict:
     from preference_datasets import PairTokenizer
     from trainers.basic import MetricsLog
 
-    cache = Path(tempfile.mkdtemp())
+    folder = Path(tempfile.mkdtemp())  # the default cache_dir keeps the converted model between processes
     hh = str(ROOT.parent / "shared" / "data" / "hh-rlhf")
     # unpaired losses count responses: `size` pairs give 2 x size items, as many sequences as a paired micro-batch
     examples = size * 2 if loss == "kto" else size
     overrides = [
         *LOSS_OVERRIDES[loss], "model=smollm2_135m", "datasets=[hh]", f"datasets.hh.path={hh}", "datasets.hh.subsets=[helpful-base]",
         f"max_length={max_length}", f"max_prompt_length={max_length // 2}", f"train.batch_size={examples}",
-        f"train.max_eval_examples={examples}", "train.gradient_accumulation_steps=1", f"cache_dir={cache}",
+        f"train.max_eval_examples={examples}", "train.gradient_accumulation_steps=1",
     ]
     with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
         cfg = compose("config", overrides=overrides)
@@ -71,7 +71,7 @@ def measure(loss: str, size: int, max_length: int) -> dict:
     policy = train.load_policy(cfg, tokenizer)
     trainer_class = train.TRAINERS[cfg.trainer]
     embeddings = train.contrast_embeddings(cfg, prepared)
-    trainer = trainer_class(cfg, stage, policy, tokenizer, data, cache / stage, MetricsLog(cache / "m.jsonl"), embeddings)
+    trainer = trainer_class(cfg, stage, policy, tokenizer, data, folder / stage, MetricsLog(folder / "m.jsonl"), embeddings)
     indices = trainer.sampler.take(examples)
     batch = trainer.make_batch(trainer.train_set, indices, with_rejected=stage != "sft")
     before = rss_gb()

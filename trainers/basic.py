@@ -90,12 +90,13 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
 
 
 def cast_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """`state` in `dtype`, with tied parameters (embeddings = LM head) one tensor again, so that
-    `save_pretrained` writes them once, as it does for the model itself."""
+    """`state` in `dtype` on the CPU (a 7B export needs no second copy on the GPU), with tied
+    parameters (embeddings = LM head) one tensor again, so that `save_pretrained` writes them once,
+    as it does for the model itself."""
     names = defaultdict(list)
     for name, parameter in model.named_parameters(remove_duplicate=False):
         names[id(parameter)].append(name)
-    cast = {key: value.to(dtype) for key, value in state.items()}
+    cast = {key: value.to("cpu", dtype) for key, value in state.items()}
     for first, *aliases in names.values():
         for alias in aliases if first in cast else ():
             cast[alias] = cast[first]
