@@ -26,12 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-LOSS_OVERRIDES = {
-    "sft": ["loss=sft"],
-    "dpo": ["loss=dpo"],
-    "kto": ["loss=kto"],
-    "rpo": ["loss=rpo"],
-}
+LOSSES = ("sft", "dpo", "kto", "rpo")
 
 
 def rss_gb() -> float:
@@ -52,7 +47,7 @@ def measure(loss: str, size: int, max_length: int) -> dict:
     # unpaired losses count responses: `size` pairs give 2 x size items, as many sequences as a paired micro-batch
     examples = size * 2 if loss == "kto" else size
     overrides = [
-        *LOSS_OVERRIDES[loss], "model=smollm2_135m", "datasets=[hh]", f"datasets.hh.path={hh}", "datasets.hh.subsets=[helpful-base]",
+        f"loss={loss}", "model=smollm2_135m", "datasets=[hh]", f"datasets.hh.path={hh}", "datasets.hh.subsets=[helpful-base]",
         f"max_length={max_length}", f"max_prompt_length={max_length // 2}", f"train.batch_size={examples}",
         f"train.max_eval_examples={examples}", "train.gradient_accumulation_steps=1",
     ]
@@ -113,7 +108,7 @@ class PeakSampler:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--losses", nargs="+", default=list(LOSS_OVERRIDES))
+    parser.add_argument("--losses", nargs="+", default=list(LOSSES))
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # internal: loss size, in a child process
     args = parser.parse_args()

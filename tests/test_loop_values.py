@@ -15,6 +15,7 @@ import train
 import trainers.basic
 from preference_datasets import collate, collate_items, load_datasets
 from tests.conftest import build
+from tests.test_contrast_losses import weight_by_hand
 from trainers.basic import WeightedMeans
 from utils import resolve_model_path
 
@@ -70,19 +71,9 @@ def rpo_loss_by_hand(cfg: dict, chosen: list[float], rejected: list[float], weig
 
 
 def weights_by_hand(cfg: dict, chosen_embeddings, rejected_embeddings, m: int, n: int) -> list[list[float]]:
-    if cfg["weighting"] == "uniform":
-        return [[1.0 if cfg.get("compat") == "official" else 1 / n] * n for _ in range(m)]
-    if cfg["weighting"] == "diagonal_emphasis":
-        return [[cfg["alpha"] if i == j else (1 - cfg["alpha"]) / (m - 1) for j in range(n)] for i in range(m)]
-    rows = []
-    for i in range(m):
-        scores = []
-        for j in range(n):
-            a, b = chosen_embeddings[i], rejected_embeddings[j]
-            cosine = float(a @ b) / (float(a.norm()) * float(b.norm()))
-            scores.append(math.exp(-(1 - cosine) / cfg["tau"]))
-        rows.append([score / sum(scores) for score in scores])
-    return rows
+    """The [M, N] weights of `cfg`'s weighting, each from `test_contrast_losses.weight_by_hand`."""
+    embeddings = {"chosen_embeddings": chosen_embeddings, "rejected_embeddings": rejected_embeddings}
+    return [[weight_by_hand(cfg, embeddings, i, j, m, n) for j in range(n)] for i in range(m)]
 
 
 PAIRED_CASES = {
