@@ -35,6 +35,15 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message names the key."""
 
 
+def positive_int(section: Mapping, key: str, alternative: str = "") -> int:
+    """`section[key]` checked to be a whole number of at least 1; the error names the key."""
+    value = section[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        path = getattr(section, "_get_full_key", lambda name: name)(key)
+        raise ConfigError(f"{path}={value!r}: give a whole number of at least 1{' ' + alternative if alternative else ''}")
+    return value
+
+
 class ModelResolutionError(RuntimeError):
     """A model name that is neither a local folder, in the Hugging Face cache, on the hub nor packaged."""
 

@@ -1,7 +1,8 @@
-"""Peak memory of one training step against the micro-batch size, per loss (groundwork for issue 18's
-`train.micro_batch_size: auto`).
+"""Peak memory of one training step against the micro-batch size, per loss, and what
+`train.micro_batch_size: auto` picks.
 
     python benchmarks/memory.py [--sizes 1 2 4 8] [--losses sft dpo kto rpo] [--max-length 512]
+    python benchmarks/memory.py --auto 32 [--losses ...]   # fit a batch of 32, then run it: estimate vs peak
 
 Each (loss, micro-batch) runs in its own process (peak RSS only grows): SmolLM2-135M-Instruct in
 fp32, the real `BasicTrainer` built by `train.py`'s own functions, HH pairs from
@@ -35,12 +36,13 @@ def rss_gb() -> float:
     return pages * resource.getpagesize() / 1e9
 
 
-def measure(loss: str, size: int, max_length: int) -> dict:
+def measure(loss: str, size: int, max_length: int, auto: bool = False) -> dict:
     from hydra import compose, initialize_config_dir
 
     import train
     from preference_datasets import PairTokenizer
     from trainers.basic import MetricsLog
+    from trainers.memory import PeakMemory
 
     folder = Path(tempfile.mkdtemp())  # the default cache_dir keeps the converted model between processes
     hh = str(ROOT.parent / "shared" / "data" / "hh-rlhf")
@@ -49,7 +51,8 @@ def measure(loss: str, size: int, max_length: int) -> dict:
     overrides = [
         f"loss={loss}", "model=smollm2_135m", "datasets=[hh]", f"datasets.hh.path={hh}", "datasets.hh.subsets=[helpful-base]",
         f"max_length={max_length}", f"max_prompt_length={max_length // 2}", f"train.batch_size={examples}",
-        f"train.max_eval_examples={examples}", "train.gradient_accumulation_steps=1",
+        f"train.max_eval_examples={examples}",
+        *([] if auto else ["train.gradient_accumulation_steps=1"]),
     ]
     with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
         cfg = compose("config", overrides=overrides)
@@ -60,13 +63,19 @@ def measure(loss: str, size: int, max_length: int) -> dict:
     encode = PairTokenizer(tokenizer, cfg.max_length, cfg.max_prompt_length)
     lengths = [min(len(t.prompt) + len(t.chosen), len(t.prompt) + len(t.rejected)) for t in map(encode, loaded["train"])]
     longest = [loaded["train"][i] for i in sorted(range(len(lengths)), key=lambda i: -lengths[i])]
-    chosen = {"train": longest[: 8 * examples], "test": loaded["test"][:examples]}
+    chosen = {"train": longest[: 2 * examples], "test": loaded["test"][:examples]}
     prepared = train.prepare_examples(cfg, chosen)
     data = train.tokenize_examples(cfg, tokenizer, prepared)
     policy = train.load_policy(cfg, tokenizer)
     trainer_class = train.TRAINERS[cfg.trainer]
     embeddings = train.contrast_embeddings(cfg, prepared)
     trainer = trainer_class(cfg, stage, policy, tokenizer, data, folder / stage, MetricsLog(folder / "m.jsonl"), embeddings)
+    if auto:  # the fitted micro-batches on the batch of the longest examples: the worst case
+        plan = trainer.micro_batches()
+        indices = trainer.longest_examples(examples)
+        with PeakMemory(trainer.device) as peak:
+            trainer.train_step(indices)
+        return {"loss": loss, "batch": examples, **plan.as_dict(), "peak_gb": round(peak.peak / 1e9, 2)}
     indices = trainer.sampler.take(examples)
     batch = trainer.make_batch(trainer.train_set, indices, with_rejected=stage != "sft")
     before = rss_gb()
@@ -105,15 +114,32 @@ class PeakSampler:
         self.peak = max(self.peak, rss_gb())
 
 
+def fit_and_run(args: argparse.Namespace) -> None:
+    print(f"{'loss':5} {'batch':>5} {'micro-batch':>11} {'steps':>5} {'budget':>8} {'estimate':>8} {'peak':>8}")
+    for loss in args.losses:
+        command = [sys.executable, __file__, "--one", loss, str(args.auto), "--max-length", str(args.max_length), "--auto", str(args.auto)]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            print(f"{loss:5} failed: {result.stderr.strip().splitlines()[-1]}")
+            continue
+        row = json.loads(result.stdout.strip().splitlines()[-1])
+        print(f"{loss:5} {row['batch']:>5} {row['micro_batch']:>11} {row['accumulation_steps']:>5} {row['budget_gb']:>6.2f}GB "
+              f"{row['estimate_gb']:>6.2f}GB {row['peak_gb']:>6.2f}GB", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--losses", nargs="+", default=list(LOSSES))
     parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--auto", type=int, metavar="BATCH", help="fit this batch size with micro_batch_size=auto, then run it")
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # internal: loss size, in a child process
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one[0], int(args.one[1]), args.max_length)))
+        print(json.dumps(measure(args.one[0], int(args.one[1]), args.max_length, auto=bool(args.auto))))
+        return
+    if args.auto:
+        fit_and_run(args)
         return
     print(f"{'loss':5} {'micro-batch':>11} {'sequences':>9} {'tokens':>7} {'before':>8} {'peak':>8} {'step':>8}")
     for loss in args.losses:

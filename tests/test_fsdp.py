@@ -237,7 +237,7 @@ def test_torchrun_rpo_end_to_end(tmp_path, shared_cache):
 def test_torchrun_uneven_batch_fails_at_start_up_on_every_rank(tmp_path, shared_cache):
     result = torchrun(tmp_path, shared_cache, "loss=dpo", "train.batch_size=5")
     assert result.returncode != 0
-    message = "train.batch_size=5 cannot be split evenly over 2 processes x train.gradient_accumulation_steps=1"
+    message = "train.batch_size=5 cannot be split evenly over 2 processes x 1 micro-batches"
     assert f"[rank 0 of 2] ConfigError: {message}" in result.stderr
     assert f"[rank 1 of 2] ConfigError: {message}" in result.stderr
     assert not list((tmp_path / "runs").glob("**/sft/checkpoint"))  # nothing trained

@@ -78,7 +78,7 @@ def test_accumulation_keeps_both_sides_in_every_micro_batch(make_cfg, tmp_path):
     cfg = make_cfg("loss=rpo_unpaired", "train.gradient_accumulation_steps=2", "sft.enabled=false")
     summary = train.run(cfg, tmp_path / "ok")
     assert summary["stages"]["align"]["steps"] == 24 // 4
-    with pytest.raises(train.ConfigError, match="2 desirable and 2 undesirable ones; each of its train.gradient_accumulation_steps=3 "):
+    with pytest.raises(train.ConfigError, match="2 desirable and 2 undesirable ones; each of its 3 micro-batches needs both"):
         train.run(make_cfg("loss=rpo_unpaired", "train.gradient_accumulation_steps=3", "sft.enabled=false"), tmp_path / "x")
 
 

@@ -222,17 +222,6 @@ def run_cli(tmp_path, cache, *overrides):
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
-def test_cli_ipo_on_local_hh_with_smollm2(tmp_path, hh_folder, shared_cache):
-    """The README's `loss=ipo model=smollm2_135m datasets=[hh] datasets.hh.path=...`, on a tiny budget."""
-    result = run_cli(
-        tmp_path, shared_cache, "loss=ipo", "model=smollm2_135m", "datasets=[hh]", f"datasets.hh.path={hh_folder}", "datasets.hh.holdout=4",
-        "sft.max_examples=2", "align.max_examples=2", "train.batch_size=2", "train.max_eval_examples=2",
-        "max_length=48", "max_prompt_length=32",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Final model:" in result.stdout and "Held-out ipo reward accuracy" in result.stdout
-
-
 def test_cli_hub_model_offline_fails_clearly(tmp_path, shared_cache):
     result = run_cli(tmp_path, shared_cache, "loss=dpo", "model=mistral7b", "datasets=[hh]")
     assert result.returncode != 0

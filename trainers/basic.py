@@ -26,7 +26,19 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from preference_datasets import BalancedSampler, EpochSampler, TokenizedPair, collate, collate_items
-from trainers.losses import REWARDS, kto_loss, loss_setting, preference_loss, rewards, sft_loss
+from trainers.losses import REWARDS, WEIGHTINGS, kto_loss, loss_setting, preference_loss, rewards, sft_loss
+from trainers.memory import (
+    GB,
+    MemoryPlan,
+    PeakMemory,
+    allocation_limit,
+    fit_line,
+    fitted_micro_batch,
+    in_use,
+    is_out_of_memory,
+    memory_budget,
+    optimizer_state_bytes,
+)
 from utils import (
     ConfigError,
     atomic_torch_save,
@@ -35,6 +47,7 @@ from utils import (
     is_main_process,
     load_or_compute,
     on_main_process,
+    positive_int,
     response_logps,
     rng_state,
     set_rng_state,
@@ -44,6 +57,8 @@ from utils import (
 
 OPTIMIZERS = {"rmsprop": torch.optim.RMSprop, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 TIMING_KEYS = ("tokens_per_s", "seconds")
+PROBE_SPREAD = 4  # the probes run micro-batches of 1 and 4 examples (unpaired: 2 and 8), or 3, or 2
+SHRINK_STEPS = 10  # a fitted micro-batch that runs out of memory within a stage's first steps is halved
 
 
 class MetricsLog:
@@ -184,6 +199,7 @@ class BasicTrainer:
         self.device = self.launch(cfg)
         self.compute_dtype = self.compute_precision()
         self.sampler = self.build_sampler()
+        self.plan = self.configured_micro_batches()  # None: fitted to the memory budget when the stage starts
         self.total_examples = self.planned_examples()
         needs_reference = stage == "align" and (self.kto or loss_setting(self.loss_cfg, "reward", REWARDS) != "length_normalized")
         precompute = needs_reference and cfg.reference.precompute
@@ -223,22 +239,189 @@ class BasicTrainer:
         planned = min(budget, self.stage_cfg.max_examples or budget)
         if self.paired or self.stage == "sft":
             return planned
-        batch, steps = self.cfg.train.batch_size, self.cfg.train.gradient_accumulation_steps
-        parts = steps * self.world_size
-        chosen, rejected = self.sampler.sides(min(batch, planned))
-        if min(chosen, rejected) < parts:
+        batch = self.cfg.train.batch_size
+        first = min(batch, planned)
+        steps = self.micro_batch_count(first) if self.plan else 1  # auto: checked again once fitted
+        chosen, rejected = self.sampler.sides(first)
+        if min(chosen, rejected) < steps * self.world_size:
             processes = f" x {self.world_size} processes" if self.world_size > 1 else ""
             raise ConfigError(
-                f"a batch of {min(batch, planned)} unpaired responses (train.batch_size={batch}) holds {chosen} desirable and "
-                f"{rejected} undesirable ones; each of its train.gradient_accumulation_steps={steps}{processes} micro-batches "
-                "needs both: use a larger batch or fewer accumulation steps"
+                f"a batch of {first} unpaired responses (train.batch_size={batch}) holds {chosen} desirable and "
+                f"{rejected} undesirable ones; each of its {steps} micro-batches{processes} needs both: use a larger batch, "
+                "fewer train.gradient_accumulation_steps or a larger train.micro_batch_size (auto: a larger train.memory_budget)"
             )
         last = planned % batch if planned > batch else 0
+        parts = (self.micro_batch_count(last) if self.plan else 1) * self.world_size
         if last and min(self.sampler.sides(last)) < parts:
             if is_main_process():
                 print(f"{self.stage}: skipping the last {last} examples: too few to give each of {parts} micro-batches both sides")
             planned -= last
         return planned
+
+    # ----------------------------------------------------------------------------- micro-batches
+
+    def configured_micro_batches(self) -> MemoryPlan | None:
+        """The micro-batches the config fixes: `train.gradient_accumulation_steps` parts per batch, or
+        micro-batches of `train.micro_batch_size` examples per process. None under
+        `micro_batch_size: auto` (with no accumulation steps given): fitted when the stage starts."""
+        train = self.cfg.train
+        batch = positive_int(train, "batch_size")
+        positive_int(train, "eval_batch_size")
+        micro = train.micro_batch_size
+        if train.gradient_accumulation_steps is not None:
+            steps = positive_int(train, "gradient_accumulation_steps")
+            if micro != "auto":
+                raise ConfigError(
+                    f"train.micro_batch_size={micro} and train.gradient_accumulation_steps={steps} both size the micro-batches: set one"
+                )
+            return MemoryPlan(math.ceil(batch / (steps * self.world_size)), steps, fixed_steps=True)
+        if micro == "auto":
+            return None
+        micro = positive_int(train, "micro_batch_size", "or auto")
+        return MemoryPlan(micro, self.accumulation_for(micro))
+
+    def micro_batches(self) -> MemoryPlan:
+        """The stage's micro-batches: configured, saved in the checkpoint being resumed, or fitted now."""
+        if self.plan is None:
+            self.plan = self.fit_micro_batch()
+            self.total_examples = self.planned_examples()  # unpaired: checks that each micro-batch has both sides
+        return self.plan
+
+    def micro_batch_count(self, examples: int) -> int:
+        """How many micro-batches a batch of `examples` runs in: `gradient_accumulation_steps` when
+        configured; otherwise as many as hold at most `micro_batch` examples (a last, partial batch
+        needs fewer)."""
+        plan = self.micro_batches()
+        if plan.fixed_steps or examples == self.cfg.train.batch_size:
+            return plan.accumulation_steps
+        return math.ceil(examples / (plan.micro_batch * self.world_size))
+
+    def accumulation_for(self, micro_batch: int) -> int:
+        """Accumulation steps that keep every process's micro-batches at most `micro_batch` examples
+        (and, over several processes, split the batch evenly: FSDP's processes run equal parts)."""
+        batch = self.cfg.train.batch_size
+        steps = math.ceil(batch / (micro_batch * self.world_size))
+        while self.world_size > 1 and batch % (steps * self.world_size) and steps * self.world_size < batch:
+            steps += 1
+        return steps
+
+    def longest_examples(self, count: int) -> list[int]:
+        """The `count` training examples of this stage with the longest sequences (the worst case a
+        micro-batch must fit); unpaired ones alternately desirable and undesirable, so that every
+        even-sized prefix holds both sides."""
+        def length(i: int) -> int:
+            example = self.train_set[i]
+            if not self.paired:
+                return len(example.prompt) + len(example.response)
+            responses = (example.chosen,) if self.stage == "sft" else (example.chosen, example.rejected)
+            return len(example.prompt) + max(map(len, responses))
+
+        if isinstance(self.sampler, BalancedSampler):
+            sides = [sorted(stream.pool, key=length, reverse=True)[:count] for stream in self.sampler.streams]
+            return [i for pair in zip(*sides, strict=False) for i in pair][:count]
+        return sorted(self.sampler.pool, key=length, reverse=True)[:count]
+
+    def fit_micro_batch(self) -> MemoryPlan:
+        """`train.micro_batch_size: auto`: the largest micro-batch whose estimated peak, with the
+        optimizer state still to come, fits `train.memory_budget`. Two probe steps (forward and
+        backward of this stage's loss on the longest examples, then discarded) give
+        `peak = base + per_example * k`; they run under an allocation limit of the budget, so a
+        configuration that cannot fit fails here with the estimate rather than being killed."""
+        budget = memory_budget(self.cfg.train.memory_budget, self.device)
+        largest = math.ceil(self.cfg.train.batch_size / self.world_size)
+        unit = 1 if self.paired or self.stage == "sft" else 2  # an unpaired micro-batch holds both sides
+        optimizer = optimizer_state_bytes(self.cfg.train.optimizer, self.policy.parameters())
+        examples = self.longest_examples(PROBE_SPREAD * unit)
+        rng = rng_state()  # the probes' dropout draws must not shift the training run's
+        with allocation_limit(self.device, budget - optimizer):
+            held = in_use(self.device)
+            points = [(unit, self.probe_peak(examples[:unit]))]
+            # what the first probe added is at most `unit` examples' share plus the step's fixed
+            # costs (gradients): if `largest` examples fit even at that rate, no second probe is needed
+            clearly_fits = points[0][1] is not None and held + (points[0][1] - held) * largest / unit + optimizer <= budget
+            # the second point far from the first, for the slope; a smaller one if it does not fit
+            for size in (s * unit for s in range(PROBE_SPREAD, 1, -1) if unit < s * unit <= largest and not clearly_fits):
+                peak = self.probe_peak(examples[:size]) if points[0][1] is not None else None
+                if peak is not None:
+                    points.append((size, peak))
+                    break
+        set_rng_state(rng)
+        if points[0][1] is None or points[0][1] + optimizer > budget:
+            raise ConfigError(self.unfittable(examples[:unit], budget, points[0][1] and points[0][1] + optimizer))
+        if clearly_fits:
+            base, per_example, micro = held + optimizer, (points[0][1] - held) / unit, largest
+        elif len(points) == 1:  # larger micro-batches ran out of memory
+            base, per_example, micro = points[0][1] + optimizer, 0.0, min(unit, largest)
+        else:
+            base, per_example = fit_line(points)
+            base += optimizer
+            micro = fitted_micro_batch(base, per_example, budget, largest)
+        micro = min(gather_objects(micro))  # every process runs the same micro-batches
+        plan = MemoryPlan(micro, self.accumulation_for(micro), round(budget / GB, 2), round((base + per_example * micro) / GB, 2),
+                          round(base / GB, 2), round(per_example / GB, 3))
+        if is_main_process():
+            print(
+                f"{self.stage}: micro-batch {plan.micro_batch} of train.batch_size={self.cfg.train.batch_size} "
+                f"({plan.accumulation_steps} accumulation steps{' per process' if self.world_size > 1 else ''}): "
+                f"estimated peak {plan.estimate_gb} GB of a {plan.budget_gb} GB budget "
+                f"({plan.base_gb} GB held + {plan.per_example_gb} GB per example; train.memory_budget={self.cfg.train.memory_budget})"
+            )
+            if plan.accumulation_steps > 1 and self.contrasts_across_examples():
+                print(f"{self.stage}: note: {self.loss_cfg['name']}'s contrast matrix spans one micro-batch, not the whole batch")
+        return plan
+
+    def contrasts_across_examples(self) -> bool:
+        """Whether the loss compares responses of different examples (RPO's matrix): then how a
+        batch is split into micro-batches changes the loss, not only the rounding."""
+        if self.stage == "sft" or self.kto:
+            return False
+        return loss_setting(self.loss_cfg, "weighting", WEIGHTINGS) != "diagonal"
+
+    def probe_peak(self, indices: Sequence[int]) -> int | None:
+        """The peak memory of one micro-batch's forward and backward pass (gradients discarded, no
+        optimizer step); None when it ran out of memory."""
+        self.policy.train()
+        batch = self.make_batch(self.train_set, indices, with_rejected=self.stage != "sft")
+        try:
+            with PeakMemory(self.device) as peak:
+                self.batch_loss(batch, "train")[0].backward()
+        except Exception as error:
+            if not is_out_of_memory(error) or self.world_size > 1:  # the other processes wait in a collective
+                raise
+            return None
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        return peak.peak
+
+    def unfittable(self, indices: Sequence[int], budget: int, estimate: int | None) -> str:
+        """Why not even the smallest micro-batch fits, and what to change."""
+        batch = self.make_batch(self.train_set, indices, with_rejected=self.stage != "sft")
+        sequences, width = batch["input_ids"].shape
+        shape = f"{sequences} sequence{'s' if sequences > 1 else ''} of up to {width} tokens"
+        needs = f"about {estimate / GB:.1f} GB" if estimate else "more than that (its probe ran out of memory)"
+        return (
+            f"{self.stage}: the smallest micro-batch ({len(indices)} of the longest examples: {shape}) does not fit in "
+            f"train.memory_budget={self.cfg.train.memory_budget} ({budget / GB:.1f} GB on {self.device.type}): one step "
+            f"needs {needs}, with the {self.cfg.train.optimizer} state. Lower max_length, use model.dtype=bfloat16, "
+            "trainer=fsdp (over more devices, with fsdp.activation_checkpointing=true), or give a larger budget"
+        )
+
+    def shrink_after_out_of_memory(self, error: BaseException) -> bool:
+        """Whether a step that ran out of memory is retried with half the micro-batch: a fitted one,
+        within the stage's first steps, in one process (under FSDP the others wait in a collective)."""
+        fitted = self.plan.budget_gb is not None
+        if not (is_out_of_memory(error) and fitted and self.step < SHRINK_STEPS and self.world_size == 1):
+            return False
+        unit = 1 if self.paired or self.stage == "sft" else 2
+        if self.plan.micro_batch // 2 < unit:
+            return False
+        micro = self.plan.micro_batch // 2
+        self.plan = MemoryPlan(micro, self.accumulation_for(micro), self.plan.budget_gb)
+        if is_main_process():
+            print(f"{self.stage}: out of memory at step {self.step + 1}; retrying it with micro-batches of {micro}")
+        return True
 
     def checked_held_out(self, examples: Sequence) -> Sequence:
         """The held-out examples (`evaluation_slice` chose them), refused if this stage cannot evaluate
@@ -496,7 +679,7 @@ class BasicTrainer:
     # ----------------------------------------------------------------------------- training
 
     def train_step(self, indices: Sequence[int]) -> dict[str, float]:
-        """One optimizer step on a batch, split into `gradient_accumulation_steps` micro-batches.
+        """One optimizer step on a batch, split into micro-batches (`micro_batch_count`).
 
         Each micro-batch loss is weighted by its share of the batch, so the update equals that of
         the whole batch in one pass for losses that do not couple examples (SFT, DPO, IPO, SimPO).
@@ -504,7 +687,7 @@ class BasicTrainer:
         self.policy.train()
         total_weight = self.example_weight([self.train_set[i] for i in indices])
         means, tokens = WeightedMeans(), 0
-        parts = self.split_sides(indices, self.cfg.train.gradient_accumulation_steps)
+        parts = self.split_sides(indices, self.micro_batch_count(len(indices)))
         for number, part in enumerate(parts, start=1):
             batch = self.make_batch(self.train_set, part, with_rejected=self.stage != "sft")
             tokens += int(batch["attention_mask"].sum())
@@ -521,6 +704,21 @@ class BasicTrainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {**record, "lr": learning_rate, "grad_norm": grad_norm}
+
+    def fitted_train_step(self, indices: Sequence[int]) -> dict[str, float]:
+        """`train_step`, retried on the same batch with half the micro-batch when a fitted one runs
+        out of memory early (`shrink_after_out_of_memory`); the retry draws the same dropout masks."""
+        rng = rng_state()
+        while True:
+            try:
+                return self.train_step(indices)
+            except Exception as error:
+                if not self.shrink_after_out_of_memory(error):
+                    raise
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            set_rng_state(rng)
 
     def set_gradient_sync(self, enabled: bool) -> None:
         """Whether the next backward pass synchronises gradients across processes (one process: no-op)."""
@@ -571,6 +769,7 @@ class BasicTrainer:
         """
         checkpoint = self.stage_dir / "checkpoint"
         initial_eval = self.load_checkpoint() if on_main_process(lambda: self.recover(checkpoint) or checkpoint.exists()) else None
+        self.micro_batches()
         if initial_eval is None:
             self.metrics.truncate(start_offset)
             initial_eval = self.evaluate()
@@ -580,7 +779,7 @@ class BasicTrainer:
             started = time.perf_counter()
             indices = self.sampler.take(min(self.cfg.train.batch_size, self.total_examples - self.examples))
             before = self.examples
-            record = self.train_step(indices)
+            record = self.fitted_train_step(indices)
             self.step += 1
             self.examples += len(indices)
             seconds = time.perf_counter() - started
@@ -633,6 +832,7 @@ class BasicTrainer:
             "rng": gather_objects(rng_state()),  # every process's: each draws its own dropout masks
             "metrics_offset": self.metrics.offset(),
             "initial_eval": json.dumps(initial_eval),
+            "micro_batches": json.dumps(self.plan.as_dict()),
         }
         if is_main_process():
             atomic_torch_save(state, staging / "trainer_state.pt")
@@ -673,6 +873,10 @@ class BasicTrainer:
         self.step, self.examples = state["counters"]
         self.checkpointed_at = self.examples
         self.sampler.load(state["sampler"])
+        if self.plan is None and "micro_batches" in state:  # auto: the micro-batch the run fitted, not a new fit
+            saved = MemoryPlan(**json.loads(state["micro_batches"]))
+            self.plan = MemoryPlan(**{**saved.as_dict(), "accumulation_steps": self.accumulation_for(saved.micro_batch)})
+            self.total_examples = self.planned_examples()
         rng = state["rng"]
         set_rng_state(rng[self.rank] if self.rank < len(rng) else rng[0])  # resharded: rank 0's where a rank is new
         self.metrics.truncate(state["metrics_offset"])
@@ -686,6 +890,7 @@ class BasicTrainer:
             "final_eval": dict(final_eval),
             "steps": self.step,
             "examples": self.examples,
+            "micro_batches": self.plan.as_dict(),
             "metrics_offset": self.metrics.offset(),
         }
         staging = self.stage_model(self.stage_dir / "final", final=True)

@@ -128,11 +128,11 @@ class FSDPTrainer(BasicTrainer):
         """Whole batches only (a last, partial one could not be split evenly), checked at start-up:
         a batch the processes cannot share evenly is refused before any work."""
         planned = super().planned_examples()
-        batch, steps = self.cfg.train.batch_size, self.cfg.train.gradient_accumulation_steps
+        batch, steps = self.cfg.train.batch_size, self.plan.accumulation_steps if self.plan else 1
         if batch % (self.world_size * steps):
             raise ConfigError(
-                f"train.batch_size={batch} cannot be split evenly over {self.world_size} processes x "
-                f"train.gradient_accumulation_steps={steps}: use a multiple of {self.world_size * steps}"
+                f"train.batch_size={batch} cannot be split evenly over {self.world_size} processes x {steps} "
+                f"micro-batches: use a multiple of {self.world_size * steps}"
             )
         if planned < batch:
             raise ConfigError(f"{self.stage} has {planned} training examples, less than one batch (train.batch_size={batch})")

@@ -1,0 +1,180 @@
+"""Fitting a training step in memory: the budget, peak measurement, and the micro-batch choice.
+
+`train.micro_batch_size: auto` runs two probe steps (forward and backward of the real loss, no
+optimizer step) on the longest training examples, fits `peak = base + per_example * k`, and picks
+the largest micro-batch k whose estimate, with the optimizer state still to come, stays within
+`train.memory_budget`. The probes run under an allocation limit of the budget, so a step that
+would not fit fails with an error here instead of being killed by the kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import math
+import os
+import re
+import resource
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from utils import ConfigError
+
+GB = 1e9
+# of the memory free when a stage starts, the share a step may use: the rest absorbs the allocator's
+# fragmentation, evaluation batches and other programs
+SAFE_SHARE = {"cpu": 0.8, "cuda": 0.9}
+LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
+HEADROOM = 256 * 2**20  # allowed beyond the budget under the probes' limit: thread stacks, allocator arenas
+OPTIMIZER_STATES = {"rmsprop": 1, "adamw": 2, "sgd": 0}  # fp32 tensors per parameter (square_avg; exp_avg, exp_avg_sq)
+
+
+def _status_kb(field: str) -> int:
+    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE).group(1)) * 1024
+
+
+def in_use(device: torch.device) -> int:
+    """Bytes this process holds now: resident memory on the CPU, tensors allocated on a GPU."""
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else _status_kb("VmRSS")
+
+
+def release_cached(device: torch.device) -> None:
+    """Hand freed memory back to the system, so that resident memory (and a probe's peak over it)
+    counts what is in use: glibc keeps freed heap blocks, CUDA's allocator its cached blocks."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif LIBC is not None and hasattr(LIBC, "malloc_trim"):
+        LIBC.malloc_trim(0)
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes the device can still give: the kernel's MemAvailable on the CPU, free GPU memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return _meminfo_kb("MemAvailable")
+
+
+def _meminfo_kb(field: str) -> int:
+    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.MULTILINE).group(1)) * 1024
+
+
+def memory_budget(setting: float | str, device: torch.device) -> int:
+    """`train.memory_budget` in bytes: all this process may hold during a step. `auto`: what it
+    holds now plus a safe share of the free memory (on the CPU, shared with the other processes
+    of this host)."""
+    release_cached(device)
+    if setting == "auto":
+        sharing = 1 if device.type == "cuda" else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        return int(in_use(device) + SAFE_SHARE[device.type] * free_memory(device) / sharing)
+    if isinstance(setting, bool) or not isinstance(setting, int | float) or setting <= 0:
+        raise ConfigError(f"train.memory_budget={setting!r}: give gigabytes (a positive number) or auto")
+    return int(setting * GB)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A failed allocation: CUDA's out-of-memory error, or the CPU allocator refusing (under the
+    probe's allocation limit)."""
+    return isinstance(error, torch.OutOfMemoryError | MemoryError) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+    )
+
+
+class PeakMemory:
+    """The most memory held while the block runs. On the CPU the kernel's high-water mark of
+    resident memory (reset on entry); where it cannot be reset, a thread samples every 2 ms."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak, self.sampler = device, 0, None
+
+    def __enter__(self) -> PeakMemory:
+        release_cached(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
+        except OSError:
+            self.running = True
+            self.sampler = threading.Thread(target=self._sample, daemon=True)
+            self.sampler.start()
+        return self
+
+    def _sample(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, in_use(self.device))
+            time.sleep(0.002)
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        elif self.sampler is not None:
+            self.running = False
+            self.sampler.join()
+            self.peak = max(self.peak, in_use(self.device))
+        else:
+            self.peak = _status_kb("VmHWM")
+
+
+@contextmanager
+def allocation_limit(device: torch.device, limit: int) -> Iterator[None]:
+    """Allocations beyond `limit` bytes held in all fail (catchably) inside the block instead of
+    calling the kernel's out-of-memory killer: on the CPU through RLIMIT_DATA (the data segment may
+    grow by what resident memory may still grow), on a GPU through the caching allocator's fraction."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), device)
+        try:
+            yield
+        finally:
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
+        return
+    torch.ones(1 << 20).mul_(2)  # starts the OpenMP threads now: libgomp aborts if it cannot create them later
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    allowed = _status_kb("VmData") + max(0, limit - in_use(device)) + HEADROOM
+    resource.setrlimit(resource.RLIMIT_DATA, (allowed if hard == resource.RLIM_INFINITY else min(allowed, hard), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+
+
+def optimizer_state_bytes(optimizer: str, parameters: Iterable[torch.nn.Parameter]) -> int:
+    """What the optimizer allocates at its first step for this process's (fp32) parameters."""
+    local = (p.to_local() if hasattr(p, "to_local") else p for p in parameters if p.requires_grad)
+    return OPTIMIZER_STATES[optimizer] * 4 * sum(p.numel() for p in local)
+
+
+@dataclass
+class MemoryPlan:
+    """The micro-batch a stage runs and why (logged, and saved in the stage's result.json)."""
+
+    micro_batch: int  # examples per forward and backward pass of one process
+    accumulation_steps: int
+    budget_gb: float | None = None  # None: the micro-batch was configured, not fitted
+    estimate_gb: float | None = None  # the estimated peak of a step at `micro_batch`
+    base_gb: float | None = None  # held before the step (model, data, caches), optimizer state included
+    per_example_gb: float | None = None
+    fixed_steps: bool = False  # train.gradient_accumulation_steps: every batch, a last partial one too, in that many
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def fitted_micro_batch(base: int, per_example: float, budget: int, largest: int) -> int:
+    """The largest k <= `largest` with base + k * per_example <= budget (at least 1)."""
+    if per_example <= 0:
+        return largest
+    return max(1, min(largest, math.floor((budget - base) / per_example)))
+
+
+def fit_line(points: list[tuple[int, int]]) -> tuple[float, float]:
+    """(intercept, slope) through two (examples, bytes) probe points; memory never shrinks with k."""
+    (k1, m1), (k2, m2) = points
+    slope = max(0.0, (m2 - m1) / (k2 - k1))
+    return m1 - slope * k1, slope
