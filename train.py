@@ -61,17 +61,26 @@ def comparable(cfg: DictConfig) -> dict:
     return values
 
 
+def saved_progress(run_dir: Path) -> list[Path]:
+    """What a run folder has to continue from: stage checkpoints and finished stages."""
+    return [*run_dir.glob("*/checkpoint/trainer_state.pt"), *run_dir.glob("*/final/result.json")]
+
+
 def find_resumable(cfg: DictConfig) -> Path:
-    """The most recent unfinished run under `runs_root` whose config equals this one."""
+    """The unfinished run under `runs_root` with this config whose saved progress is the most
+    recent. Hydra's own `.hydra/config.yaml` copies are not runs (one is the launch that is
+    searching), and a run that saved nothing has nothing to continue."""
     wanted = comparable(cfg)
-    candidates = []
+    candidates = {}
     for path in Path(cfg.runs_root).glob("**/config.yaml"):
         run_dir = path.parent
-        if not (run_dir / "summary.json").exists() and comparable(OmegaConf.load(path)) == wanted:
-            candidates.append(run_dir)
+        if ".hydra" in path.parts or (run_dir / "summary.json").exists() or not saved_progress(run_dir):
+            continue
+        if comparable(OmegaConf.load(path)) == wanted:
+            candidates[run_dir] = max(file.stat().st_mtime for file in saved_progress(run_dir))
     if not candidates:
-        raise ConfigError(f"resume=true: no unfinished run with this config under {cfg.runs_root}/; pass resume=RUN_DIR")
-    return max(candidates, key=lambda run_dir: (run_dir / "config.yaml").stat().st_mtime)
+        raise ConfigError(f"resume=true: no unfinished run with this config and a checkpoint under {cfg.runs_root}/; pass resume=RUN_DIR")
+    return max(candidates, key=candidates.get)
 
 
 def resolve_run_dir(cfg: DictConfig, output_dir: Path) -> Path:
@@ -99,8 +108,8 @@ def prepare_run_dir(cfg: DictConfig, output_dir: Path) -> Path:
 
 
 def discard_stray_output(output_dir: Path, run_dir: Path) -> None:
-    """Under torchrun every process gets a Hydra output directory named by its own clock; a
-    process whose directory is not the run's (rank 0's) removes it if it holds only Hydra's files."""
+    """A launch whose Hydra output directory is not the run's (a resumed run; under torchrun, a
+    process whose clock named another directory than rank 0's) removes it if it holds only Hydra's files."""
     if output_dir != run_dir and output_dir.is_dir() and {p.name for p in output_dir.iterdir()} <= {".hydra", "train.log"}:
         shutil.rmtree(output_dir, ignore_errors=True)
 
@@ -287,8 +296,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
         tokenizer = load_tokenizer(cfg)
     examples = load_examples(cfg)
     run_dir = on_main_process(lambda: prepare_run_dir(cfg, output_dir))  # every process writes into rank 0's
-    if not is_main_process():
-        discard_stray_output(output_dir, run_dir)
+    discard_stray_output(output_dir, run_dir)  # a resumed run's launch folder, another rank's clock
     data = tokenize_examples(cfg, tokenizer, examples)
     embeddings = contrast_embeddings(cfg, examples)
     metrics = MetricsLog(run_dir / "metrics.jsonl", start_wandb(cfg, run_dir) if is_main_process() else None)
