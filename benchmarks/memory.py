@@ -114,15 +114,21 @@ class PeakSampler:
         self.peak = max(self.peak, rss_gb())
 
 
+def in_child(*arguments: str) -> dict | str:
+    """One measurement in its own process (peak memory only grows): its JSON row, or its last error line."""
+    result = subprocess.run([sys.executable, __file__, *arguments], capture_output=True, text=True)
+    if result.returncode != 0:
+        return result.stderr.strip().splitlines()[-1]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def fit_and_run(args: argparse.Namespace) -> None:
     print(f"{'loss':5} {'batch':>5} {'micro-batch':>11} {'steps':>5} {'budget':>8} {'estimate':>8} {'peak':>8}")
     for loss in args.losses:
-        command = [sys.executable, __file__, "--one", loss, str(args.auto), "--max-length", str(args.max_length), "--auto", str(args.auto)]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            print(f"{loss:5} failed: {result.stderr.strip().splitlines()[-1]}")
+        row = in_child("--one", loss, str(args.auto), "--max-length", str(args.max_length), "--auto", str(args.auto))
+        if isinstance(row, str):
+            print(f"{loss:5} failed: {row}")
             continue
-        row = json.loads(result.stdout.strip().splitlines()[-1])
         print(f"{loss:5} {row['batch']:>5} {row['micro_batch']:>11} {row['accumulation_steps']:>5} {row['budget_gb']:>6.2f}GB "
               f"{row['estimate_gb']:>6.2f}GB {row['peak_gb']:>6.2f}GB", flush=True)
 
@@ -144,12 +150,10 @@ def main() -> None:
     print(f"{'loss':5} {'micro-batch':>11} {'sequences':>9} {'tokens':>7} {'before':>8} {'peak':>8} {'step':>8}")
     for loss in args.losses:
         for size in args.sizes:
-            command = [sys.executable, __file__, "--one", loss, str(size), "--max-length", str(args.max_length)]
-            result = subprocess.run(command, capture_output=True, text=True)
-            if result.returncode != 0:
-                print(f"{loss:5} {size:>11} failed: {result.stderr.strip().splitlines()[-1]}")
+            row = in_child("--one", loss, str(size), "--max-length", str(args.max_length))
+            if isinstance(row, str):
+                print(f"{loss:5} {size:>11} failed: {row}")
                 continue
-            row = json.loads(result.stdout.strip().splitlines()[-1])
             print(f"{loss:5} {row['micro_batch']:>11} {row['sequences']:>9} {row['tokens']:>7} "
                   f"{row['before_gb']:>6.2f}GB {row['peak_gb']:>6.2f}GB {row['step_gb']:>6.2f}GB", flush=True)
 
