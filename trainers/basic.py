@@ -305,6 +305,10 @@ class BasicTrainer:
             steps += 1
         return steps
 
+    def smallest_micro_batch(self) -> int:
+        """1 example; 2 for unpaired alignment, whose micro-batches hold both sides."""
+        return 1 if self.paired or self.stage == "sft" else 2
+
     def longest_examples(self, count: int) -> list[int]:
         """The `count` training examples of this stage with the longest sequences (the worst case a
         micro-batch must fit); unpaired ones alternately desirable and undesirable, so that every
@@ -329,7 +333,7 @@ class BasicTrainer:
         configuration that cannot fit fails here with the estimate rather than being killed."""
         budget = memory_budget(self.cfg.train.memory_budget, self.device)
         largest = math.ceil(self.cfg.train.batch_size / self.world_size)
-        unit = 1 if self.paired or self.stage == "sft" else 2  # an unpaired micro-batch holds both sides
+        unit = self.smallest_micro_batch()
         optimizer = optimizer_state_bytes(self.cfg.train.optimizer, self.policy.parameters())
         examples = self.longest_examples(PROBE_SPREAD * unit)
         rng = rng_state()  # the probes' dropout draws must not shift the training run's
@@ -414,8 +418,7 @@ class BasicTrainer:
         fitted = self.plan.budget_gb is not None
         if not (is_out_of_memory(error) and fitted and self.step < SHRINK_STEPS and self.world_size == 1):
             return False
-        unit = 1 if self.paired or self.stage == "sft" else 2
-        if self.plan.micro_batch // 2 < unit:
+        if self.plan.micro_batch // 2 < self.smallest_micro_batch():
             return False
         micro = self.plan.micro_batch // 2
         self.plan = MemoryPlan(micro, self.accumulation_for(micro), self.plan.budget_gb)
