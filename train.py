@@ -12,6 +12,7 @@ one folder per stage (`sft/`, `align/`) with its `final/` model, and `summary.js
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from functools import partial
@@ -23,10 +24,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from eval.plots import plot_metrics
+from checks import check_config, check_unpaired_batches
 from preference_datasets import (
+    DataError,
     Example,
     LabelledResponse,
     PairTokenizer,
@@ -37,11 +38,12 @@ from preference_datasets import (
     load_datasets,
     require_pairs,
 )
-from trainers import TRAINERS
+from trainers import trainer_class
 from trainers.basic import BasicTrainer, MetricsLog
-from trainers.losses import WEIGHTINGS, loss_setting
+from trainers.losses import LossSpec
 from utils import (
     ConfigError,
+    ModelResolutionError,
     distributed,
     encode_texts,
     is_main_process,
@@ -53,11 +55,14 @@ from utils import (
     world_size,
 )
 
+EXIT_BAD_INPUT = 2  # a config, data or model-name problem: the run did not start
+
 
 def comparable(cfg: DictConfig) -> dict:
     """The resolved config without the keys that may differ between a run and its resumption."""
     values = OmegaConf.to_container(cfg, resolve=True)
-    values.pop("resume", None)
+    for key in ("resume", "debug"):
+        values.pop(key, None)
     return values
 
 
@@ -107,30 +112,31 @@ def prepare_run_dir(cfg: DictConfig, output_dir: Path) -> Path:
     return run_dir
 
 
-def discard_stray_output(output_dir: Path, run_dir: Path) -> None:
+def discard_stray_output(output_dir: Path, run_dir: Path | None) -> None:
     """A launch whose Hydra output directory is not the run's (a resumed run; under torchrun, a
-    process whose clock named another directory than rank 0's) removes it if it holds only Hydra's files."""
+    process whose clock named another directory than rank 0's; a start that failed: None) removes
+    it if it holds only Hydra's files."""
     if output_dir != run_dir and output_dir.is_dir() and {p.name for p in output_dir.iterdir()} <= {".hydra", "train.log"}:
         shutil.rmtree(output_dir, ignore_errors=True)
 
 
 def archive(cfg: DictConfig) -> Path | None:
-    """`model.archive`, checked: a Hugging Face model folder to start from."""
-    if not cfg.model.archive:
-        return None
-    if not (Path(cfg.model.archive) / "config.json").exists():
-        raise ConfigError(f"model.archive={cfg.model.archive}: not a Hugging Face model folder (no config.json)")
-    return Path(cfg.model.archive)
+    """`model.archive`: a Hugging Face model folder to start from (checked by `check_config`)."""
+    return Path(cfg.model.archive) if cfg.model.archive else None
 
 
 def load_tokenizer(cfg: DictConfig):
     model = cfg.model
+    from transformers import AutoTokenizer  # imported when needed: a refused config never pays for it
+
     source = archive(cfg) or resolve_model_path(model.tokenizer_name_or_path or model.name_or_path, cfg.cache_dir)
     return AutoTokenizer.from_pretrained(source)
 
 
 def load_policy(cfg: DictConfig, tokenizer) -> torch.nn.Module:
     """The starting weights: `model.archive`, a random init (`model.random_init`) or the hub name."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     model = cfg.model
     dtype = getattr(torch, model.dtype)
     if archive(cfg):
@@ -155,32 +161,25 @@ def stage_finished(final_model: Path) -> bool:
 
 
 def load_stage_model(cfg: DictConfig, folder: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
     return AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, cfg.model.dtype))
-
-
-def loss_weighting(cfg: DictConfig) -> str | None:
-    """The contrast weighting of the configured loss; None for SFT and KTO, which have no contrast."""
-    if cfg.loss.name in ("sft", "kto"):
-        return None
-    return loss_setting(OmegaConf.to_container(cfg.loss), "weighting", WEIGHTINGS)
 
 
 def prompt_text(example: Example) -> str:
     return "\n".join(message["content"] for message in example.prompt)
 
 
-def contrast_embeddings(cfg: DictConfig, examples: dict[str, list]) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+def contrast_embeddings(cfg: DictConfig, spec: LossSpec, examples: dict[str, list]) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
     """Per split, embeddings of the chosen and of the rejected side of each example, for RPO's weights.
 
     `loss.embedding.input=prompt` embeds the prompt (both sides of a pair share it);
     `prompt_response` embeds each response with its prompt (the RPO paper's ablation). Unpaired
     items have one side: the same table serves both.
     """
-    if loss_weighting(cfg) != "embedding":
+    if not spec.needs_embeddings:
         return None
-    model, kind = cfg.loss.embedding.model, cfg.loss.embedding.input
-    if kind not in ("prompt", "prompt_response"):
-        raise ConfigError(f"loss.embedding.input={kind!r}: choose prompt or prompt_response")
+    model, kind = spec.embedding_model, spec.embedding_input
 
     def encode(texts: list[str]) -> torch.Tensor:
         return encode_texts(texts, model, cfg.cache_dir)
@@ -199,24 +198,30 @@ def contrast_embeddings(cfg: DictConfig, examples: dict[str, list]) -> dict[str,
     return embeddings
 
 
-def prepare_examples(cfg: DictConfig, examples: dict[str, list[Example]]) -> dict[str, list[Example]]:
+def prepare_examples(cfg: DictConfig, spec: LossSpec, examples: dict[str, list[Example]]) -> dict[str, list[Example]]:
     """Pairs for the paired losses; single labelled responses for unpaired ones (`loss.paired=false`);
-    of the held-out ones, those every evaluation scores (`train.max_eval_examples`)."""
+    of the held-out ones, those every evaluation scores (`train.max_eval_examples`). Unpaired data
+    is checked here to have both sides and batches that can hold them, before the SFT stage."""
     has_unpaired = any(isinstance(e, LabelledResponse) for rows in examples.values() for e in rows)
-    paired = cfg.loss.get("paired", True) and not (cfg.loss.name == "sft" and has_unpaired)
-    if cfg.loss.name == "kto" and paired:
-        raise ConfigError("loss=kto judges responses one at a time: it needs loss.paired=false")
-    if not paired and loss_weighting(cfg) in ("diagonal", "diagonal_emphasis"):
-        raise ConfigError(f"loss.weighting={loss_weighting(cfg)} contrasts the two responses of one prompt: it needs loss.paired=true")
-    prepared = {split: require_pairs(rows, cfg.loss.name) if paired else as_items(rows) for split, rows in examples.items()}
+    paired = spec.paired and not (spec.kind == "sft" and has_unpaired)
+    prepared = {split: require_pairs(rows, spec.name) if paired else as_items(rows) for split, rows in examples.items()}
+    if not paired:
+        for split, items in prepared.items():
+            desirable = sum(item.desirable for item in items)
+            if not desirable or desirable == len(items):
+                sources = sorted({item.source for item in items})
+                raise DataError(f"datasets {sources}, {split} split: {desirable} desirable and {len(items) - desirable} "
+                                "undesirable responses; unpaired training needs both")
+        if spec.kind != "sft":
+            check_unpaired_batches(cfg, prepared["train"])
     return {**prepared, "test": evaluation_slice(prepared["test"], cfg.train.max_eval_examples)}
 
 
-def load_examples(cfg: DictConfig) -> dict[str, list[Example]]:
+def load_examples(cfg: DictConfig, spec: LossSpec) -> dict[str, list[Example]]:
     """The configured datasets, prepared for the loss; records the held-out set in `cfg.heldout`
     (saved in config.yaml, so a resumed run is checked to hold out the same examples)."""
     loaded = load_datasets(cfg.datasets)
-    examples = prepare_examples(cfg, loaded)
+    examples = prepare_examples(cfg, spec, loaded)
     cfg.heldout = held_out_record(loaded["test"], examples["test"])
     return examples
 
@@ -232,9 +237,9 @@ def held_out_record(split: list[Example], evaluated: list[Example]) -> dict:
     }
 
 
-def tokenize_examples(cfg: DictConfig, tokenizer, examples: dict[str, list[Example]]) -> dict[str, list]:
+def tokenize_examples(cfg: DictConfig, spec: LossSpec, tokenizer, examples: dict[str, list[Example]]) -> dict[str, list]:
     """Token ids of every example, once per run (with the augmented twins self-refinement needs)."""
-    sr_prompt = cfg.loss.sr_prompt if cfg.loss.get("sr_lambda") and cfg.loss.get("sr_delta") == "refined" else None
+    sr_prompt = spec.sr_prompt if spec.refines_on_augmented else None
     encode = PairTokenizer(tokenizer, cfg.max_length, cfg.max_prompt_length, sr_prompt)
     if isinstance(examples["train"][0], PreferencePair):
         quiet = not is_main_process()
@@ -242,8 +247,8 @@ def tokenize_examples(cfg: DictConfig, tokenizer, examples: dict[str, list[Examp
     return {split: encode.items(rows, cfg.seed) for split, rows in examples.items()}
 
 
-def stages(cfg: DictConfig) -> list[str]:
-    if cfg.loss.name == "sft":
+def stages(cfg: DictConfig, spec: LossSpec) -> list[str]:
+    if spec.kind == "sft":
         return ["sft"]
     return ["sft", "align"] if cfg.sft.enabled else ["align"]
 
@@ -264,6 +269,8 @@ def start_wandb(cfg: DictConfig, run_dir: Path):
 
 def report(results: dict, run_dir: Path, final_model: Path, cfg: DictConfig) -> dict:
     """Write summary.json and print where the model is and its held-out accuracy over the stages."""
+    from eval.plots import plot_metrics
+
     first = next(iter(results.values()))["initial_eval"]
     accuracy = [("start", first.get("logp_accuracy"))]
     accuracy += [(f"after {stage}", result["final_eval"].get("logp_accuracy")) for stage, result in results.items()]
@@ -287,21 +294,20 @@ def report(results: dict, run_dir: Path, final_model: Path, cfg: DictConfig) -> 
 
 def run(cfg: DictConfig, output_dir: Path) -> dict:
     """Run every stage of the config in `output_dir` (or in the run being resumed); return the summary."""
-    if cfg.trainer not in TRAINERS:
-        raise ConfigError(f"trainer={cfg.trainer}: choose one of {', '.join(TRAINERS)}")
-    trainer_class = TRAINERS[cfg.trainer]
-    trainer_class.launch(cfg)
+    spec = check_config(cfg)  # every config problem, before anything loads
+    trainer_type = trainer_class(cfg.trainer)
+    trainer_type.launch(cfg)
     seed_everything(cfg.seed)
-    with main_process_first():  # rank 0 fills the cache (converted models) before the others read it
-        tokenizer = load_tokenizer(cfg)
-    examples = load_examples(cfg)
+    examples = load_examples(cfg, spec)  # data problems, still before any model loads
     run_dir = on_main_process(lambda: prepare_run_dir(cfg, output_dir))  # every process writes into rank 0's
     discard_stray_output(output_dir, run_dir)  # a resumed run's launch folder, another rank's clock
-    data = tokenize_examples(cfg, tokenizer, examples)
-    embeddings = contrast_embeddings(cfg, examples)
+    with main_process_first():  # rank 0 fills the cache (converted models) before the others read it
+        tokenizer = load_tokenizer(cfg)
+    data = tokenize_examples(cfg, spec, tokenizer, examples)
+    embeddings = contrast_embeddings(cfg, spec, examples)
     metrics = MetricsLog(run_dir / "metrics.jsonl", start_wandb(cfg, run_dir) if is_main_process() else None)
     results, offset, final_model = {}, 0, None
-    for stage in stages(cfg):
+    for stage in stages(cfg, spec):
         previous, final_model = final_model, run_dir / stage / "final"
         finished = on_main_process(partial(stage_finished, final_model))
         if finished:
@@ -311,7 +317,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
         else:
             with main_process_first():  # the next stage starts from the previous one's saved model
                 policy = load_policy(cfg, tokenizer) if previous is None else load_stage_model(cfg, previous)
-            trainer = trainer_class(cfg, stage, policy, tokenizer, data, run_dir / stage, metrics, embeddings)
+            trainer = trainer_type(cfg, stage, policy, tokenizer, data, run_dir / stage, metrics, embeddings)
             results[stage] = trainer.train(offset)
             del policy, trainer
         offset = results[stage]["metrics_offset"]
@@ -339,9 +345,24 @@ def run_process(cfg: DictConfig, output_dir: Path) -> None:
             torch.distributed.destroy_process_group()
 
 
+def show_traceback(cfg: DictConfig) -> bool:
+    return cfg.get("debug") is True or os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
 @hydra.main(config_path="config", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
-    run_process(cfg, Path(HydraConfig.get().runtime.output_dir))
+    """A problem of the config, the data or the model name ends the run with one line per problem
+    and exit code 2 (a traceback with `debug=true` or HYDRA_FULL_ERROR=1)."""
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        run_process(cfg, output_dir)
+    except (ConfigError, DataError, ModelResolutionError) as error:
+        if show_traceback(cfg):
+            raise
+        discard_stray_output(output_dir, None)  # a start that failed leaves no empty run folder
+        for line in str(error).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import gzip
 import json
 import os
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -21,6 +24,17 @@ from trainers.basic import MetricsLog  # noqa: E402
 from utils import main_process_first, resolve_model_path  # noqa: E402
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@functools.cache
+def _composed_loss(name: str) -> dict:
+    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
+        return OmegaConf.to_container(compose("config", overrides=[f"loss={name}"]).loss)
+
+
+def loss_config(name: str, **overrides: object) -> dict:
+    """`config/loss/<name>.yaml` as Hydra composes it (the one definition of each loss), with overrides."""
+    return {**copy.deepcopy(_composed_loss(name)), **overrides}
 
 # A fast schedule for `tiny`: a handful of steps per stage, checkpoints every other step.
 TINY_OVERRIDES = [

@@ -13,14 +13,15 @@ from trl import KTOTrainer
 from trl.experimental.cpo import CPOTrainer
 
 from trainers.losses import kto_loss, preference_loss
+from conftest import loss_config
 
 PRESET_CONFIGS = {
-    "rpo": {"name": "rpo", "beta": 0.1, "tau": 0.5},
-    "rpo_unpaired": {"name": "rpo_unpaired", "beta": 0.1, "tau": 0.75},
-    "rpo_uniform": {"name": "rpo_uniform", "beta": 0.1},
-    "rpo_diagonal": {"name": "rpo_diagonal", "beta": 0.1, "alpha": 0.8},
-    "simpo": {"name": "simpo", "beta": 10.0, "gamma_beta_ratio": 0.3},
-    "rpo_simpo": {"name": "rpo_simpo", "beta": 10.0, "tau": 0.5, "gamma_beta_ratio": 0.3},
+    "rpo": loss_config("rpo", beta=0.1, tau=0.5),
+    "rpo_unpaired": loss_config("rpo_unpaired", beta=0.1, tau=0.75),
+    "rpo_uniform": loss_config("rpo_uniform", beta=0.1),
+    "rpo_diagonal": loss_config("rpo_diagonal", beta=0.1, alpha=0.8),
+    "simpo": loss_config("simpo", beta=10.0, gamma_beta_ratio=0.3),
+    "rpo_simpo": loss_config("rpo_simpo", beta=10.0, tau=0.5, gamma_beta_ratio=0.3),
 }
 
 
@@ -127,7 +128,7 @@ def test_compat_changes_nothing_else(name):
 def test_official_uniform_is_the_paper_loss_with_n_times_the_weights():
     x = batch(3, 4, seed=3)
     official = preference_loss(**x, cfg={**PRESET_CONFIGS["rpo_uniform"], "compat": "official"})[0]
-    via_rpo = preference_loss(**x, cfg={"name": "rpo", "beta": 0.1, "weighting": "uniform", "compat": "official"})[0]
+    via_rpo = preference_loss(**x, cfg=loss_config("rpo", beta=0.1, weighting="uniform", compat="official"))[0]
     assert float(official) == float(via_rpo)
     paper_with_scaled_beta = preference_loss(**x, cfg={**PRESET_CONFIGS["rpo_uniform"], "beta": 0.4})[0]
     assert float(official) == pytest.approx(float(paper_with_scaled_beta), rel=1e-12)  # W = 1 = N * (1/N)
@@ -139,8 +140,8 @@ def test_small_tau_on_distinct_prompts_approaches_dpo_pairing():
     x["rejected_embeddings"] = x["chosen_embeddings"].clone()  # same-prompt pairs: distance 0 on the diagonal
     dpo = {k: v.clone().requires_grad_(k.startswith("policy")) for k, v in x.items() if "embeddings" not in k}
     rpo = {k: v.clone().requires_grad_(k.startswith("policy")) for k, v in x.items()}
-    dpo_loss = preference_loss(**dpo, cfg={"name": "dpo", "beta": 0.1})[0]
-    rpo_loss = preference_loss(**rpo, cfg={"name": "rpo", "beta": 0.1, "tau": 1e-3})[0]
+    dpo_loss = preference_loss(**dpo, cfg=loss_config("dpo", beta=0.1))[0]
+    rpo_loss = preference_loss(**rpo, cfg=loss_config("rpo", beta=0.1, tau=1e-3))[0]
     # off-diagonal weights vanish: those entries are log 2 constants, the diagonal is DPO
     expected = (m * dpo_loss.item() + (m * m - m) * math.log(2)) / (m * m)
     assert rpo_loss.item() == pytest.approx(expected, rel=1e-9)
@@ -152,7 +153,7 @@ def test_small_tau_on_distinct_prompts_approaches_dpo_pairing():
 
 def test_uniform_with_one_rejected_equals_dpo():
     x = batch(1, 1, seed=5)
-    cfg_dpo = {"name": "dpo", "beta": 0.1}
+    cfg_dpo = loss_config("dpo", beta=0.1)
     uniform = preference_loss(**x, cfg=PRESET_CONFIGS["rpo_uniform"])
     plain = {k: v for k, v in x.items() if "embeddings" not in k}
     dpo = preference_loss(**plain, cfg=cfg_dpo)
@@ -167,7 +168,7 @@ def test_uniform_with_one_rejected_equals_dpo():
 def test_rpo_with_the_ipo_link_and_a_margin():
     x = batch(3, 3, seed=8)
     margin = torch.tensor([0.2, -0.1, 0.4], dtype=torch.float64)
-    cfg = {"name": "rpo", "beta": 0.1, "tau": 0.5, "link": "ipo", "reward": "log_ratio", "sr_lambda": 0.5}
+    cfg = loss_config("rpo", beta=0.1, tau=0.5, link="ipo", reward="log_ratio", sr_lambda=0.5)
     loss = preference_loss(**x, cfg=cfg, margin=margin)[0]
     total = 0.0
     for i in range(3):
@@ -193,8 +194,8 @@ def test_contrast_errors_are_clear():
         preference_loss(**x, cfg=PRESET_CONFIGS["rpo_diagonal"])
     with pytest.raises(ValueError, match="needs chosen_embeddings"):
         preference_loss(**{**x, "chosen_embeddings": None}, cfg=PRESET_CONFIGS["rpo"])
-    with pytest.raises(KeyError, match="loss.tau"):
-        preference_loss(**x, cfg={"name": "rpo", "beta": 0.1})
+    with pytest.raises(ValueError, match="loss.tau=None: give a number"):
+        preference_loss(**x, cfg=loss_config("rpo", tau=None))
     with pytest.raises(ValueError, match="loss.weighting='nope'"):
         preference_loss(**x, cfg={**PRESET_CONFIGS["rpo"], "weighting": "nope"})
     with pytest.raises(ValueError, match="got 0 chosen and 2 rejected"):
@@ -215,7 +216,7 @@ def kto_batch(b: int, k: int, seed: int):
 @pytest.mark.parametrize("weights", [(1.0, 1.0), (1.0, 1.33)])
 def test_kto_matches_the_equation(weights):
     policy, reference, desirable, policy_kl, reference_kl = kto_batch(7, 7, seed=4)
-    cfg = {"name": "kto", "beta": 0.1, "desirable_weight": weights[0], "undesirable_weight": weights[1]}
+    cfg = loss_config("kto", beta=0.1, desirable_weight=weights[0], undesirable_weight=weights[1])
     loss, rewards, kl = kto_loss(policy, reference, desirable, policy_kl, reference_kl, cfg)
     z0 = max(0.0, sum(float(p - r) for p, r in zip(policy_kl, reference_kl, strict=True)) / 7)
     sigmoid = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
@@ -231,10 +232,10 @@ def test_kto_matches_the_equation(weights):
 def test_kto_reference_point_is_detached_and_clamped():
     policy, reference, desirable, policy_kl, reference_kl = kto_batch(4, 3, seed=5)
     policy_kl = (reference_kl + 2.0).requires_grad_()
-    loss, _, kl = kto_loss(policy.requires_grad_(), reference, desirable, policy_kl, reference_kl, {"name": "kto", "beta": 0.1})
+    loss, _, kl = kto_loss(policy.requires_grad_(), reference, desirable, policy_kl, reference_kl, loss_config("kto", beta=0.1))
     loss.backward()
     assert policy_kl.grad is None and float(kl) == pytest.approx(2.0)
-    _, _, kl = kto_loss(policy, reference, desirable, reference_kl - 1.0, reference_kl, {"name": "kto", "beta": 0.1})
+    _, _, kl = kto_loss(policy, reference, desirable, reference_kl - 1.0, reference_kl, loss_config("kto", beta=0.1))
     assert float(kl) == 0.0
 
 
@@ -264,7 +265,7 @@ def test_kto_parity_with_trl():
         "completion_mask": completion_mask, "label": desirable, "ref_logps": reference, "ref_KL_logps": reference_kl,
     }
     theirs = KTOTrainer._compute_loss(trainer, lambda **kwargs: outputs, inputs, return_outputs=False)
-    cfg = {"name": "kto", "beta": 0.2, "desirable_weight": 1.0, "undesirable_weight": 1.5}
+    cfg = loss_config("kto", beta=0.2, desirable_weight=1.0, undesirable_weight=1.5)
     ours, rewards, kl = kto_loss(policy, reference, desirable, policy_kl, reference_kl, cfg)
     assert float(ours) == pytest.approx(float(theirs), rel=1e-9)
     assert float(kl) == pytest.approx(trainer._metrics["train"]["kl"][0], rel=1e-9)
@@ -274,7 +275,7 @@ def test_kto_parity_with_trl():
 @pytest.mark.parametrize(("beta", "gamma_beta_ratio"), [(10.0, 0.3), (2.0, 0.5)])
 def test_simpo_parity_with_trl_cpo(beta, gamma_beta_ratio):
     x = batch(5, 5, seed=12)
-    cfg = {"name": "simpo", "beta": beta, "gamma_beta_ratio": gamma_beta_ratio}
+    cfg = loss_config("simpo", beta=beta, gamma_beta_ratio=gamma_beta_ratio)
     ours, chosen_rewards, rejected_rewards = preference_loss(**x, cfg=cfg)
     trainer = SimpleNamespace(
         alpha=0.0, loss_type="simpo", beta=beta, simpo_gamma=gamma_beta_ratio * beta, label_smoothing=0.0,

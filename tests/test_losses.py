@@ -11,6 +11,7 @@ import torch
 from trl import DPOTrainer
 
 from trainers.losses import preference_loss, sft_loss
+from conftest import loss_config
 
 
 def random_logps(n: int, seed: int) -> dict[str, torch.Tensor]:
@@ -35,7 +36,7 @@ def log_sigmoid(x: float) -> float:
 @pytest.mark.parametrize("smoothing", [0.0, 0.2])
 def test_dpo_matches_equation(n, beta, smoothing):
     x = random_logps(n, seed=n)
-    cfg = {"name": "dpo", "beta": beta, "label_smoothing": smoothing}
+    cfg = loss_config("dpo", beta=beta, label_smoothing=smoothing)
     loss, chosen_rewards, rejected_rewards = preference_loss(**x, cfg=cfg)
     expected = 0.0
     for i in range(n):
@@ -55,7 +56,7 @@ def test_dpo_matches_equation(n, beta, smoothing):
 @pytest.mark.parametrize("beta", [0.05, 0.5])
 def test_ipo_matches_equation_with_per_token_averages(n, beta):
     x = random_logps(n, seed=10 + n)
-    loss, chosen_rewards, _ = preference_loss(**x, cfg={"name": "ipo", "beta": beta})
+    loss, chosen_rewards, _ = preference_loss(**x, cfg=loss_config("ipo", beta=beta))
     expected = 0.0
     for i in range(n):
         chosen = float(x["policy_chosen_logps"][i] - x["reference_chosen_logps"][i]) / int(x["chosen_lengths"][i])
@@ -75,21 +76,23 @@ def test_sft_loss_is_token_mean_nll():
 def test_gradients_match_finite_differences(name):
     x = random_logps(4, seed=3)
     policy = (x.pop("policy_chosen_logps").requires_grad_(), x.pop("policy_rejected_logps").requires_grad_())
-    cfg = {"name": name, "beta": 0.3, "label_smoothing": 0.1}
+    cfg = loss_config(name, beta=0.3, label_smoothing=0.1 if name == "dpo" else 0.0)  # smoothing is of the sigmoid link
     assert torch.autograd.gradcheck(lambda c, r: preference_loss(c, r, cfg=cfg, **x)[0], policy)
 
 
 def test_bad_inputs_get_clear_errors():
     x = random_logps(3, seed=0)
     with pytest.raises(ValueError, match="chosen_lengths"):
-        preference_loss(**{**x, "chosen_lengths": None}, cfg={"name": "ipo", "beta": 0.1})
-    with pytest.raises(ValueError, match="loss.weighting=None for loss .nope."):
+        preference_loss(**{**x, "chosen_lengths": None}, cfg=loss_config("ipo", beta=0.1))
+    with pytest.raises(ValueError, match="loss.kind=None: choose one of sft, contrast, kto"):
         preference_loss(**x, cfg={"name": "nope", "beta": 0.1})
-    with pytest.raises(KeyError, match="loss.beta"):
-        preference_loss(**x, cfg={"name": "dpo"})
+    with pytest.raises(ValueError, match="loss.beta=None: give a number"):
+        preference_loss(**x, cfg=loss_config("dpo", beta=None))
+    with pytest.raises(ValueError, match="loss.beta=0: out of range"):
+        preference_loss(**x, cfg=loss_config("ipo", beta=0))
     with pytest.raises(ValueError, match="2 chosen and 3 rejected"):
         two_chosen = {k: v[:2] for k, v in x.items() if "chosen" in k}
-        preference_loss(**{**x, **two_chosen}, cfg={"name": "dpo", "beta": 0.1})
+        preference_loss(**{**x, **two_chosen}, cfg=loss_config("dpo", beta=0.1))
 
 
 # ------------------------------------------------------------------------------ TRL parity
@@ -131,7 +134,7 @@ def trl_loss(loss_type: str, beta: float, x: dict[str, torch.Tensor]) -> tuple[f
 @pytest.mark.parametrize("beta", [0.1, 0.7])
 def test_parity_with_trl(loss_type, name, beta):
     x = random_logps(6, seed=42)
-    ours, chosen_rewards, rejected_rewards = preference_loss(**x, cfg={"name": name, "beta": beta})
+    ours, chosen_rewards, rejected_rewards = preference_loss(**x, cfg=loss_config(name, beta=beta))
     theirs, metrics = trl_loss(loss_type, beta, x)
     assert float(ours) == pytest.approx(theirs, rel=1e-9)
     if name == "dpo":  # TRL reports summed-log-prob rewards for every loss type

@@ -15,10 +15,11 @@ from tests.conftest import ROOT, build
 from tests.test_contrast_losses import batch, reward_by_hand, weight_by_hand
 from tests.test_loop_values import full_logps, perturbed
 from trainers.losses import preference_loss
+from conftest import loss_config
 
-SR_DPO = {"name": "sr_dpo", "beta": 0.1, "sr_lambda": 0.5}
-SR_IPO = {"name": "sr_ipo", "beta": 0.1, "sr_lambda": 0.5}
-PLAIN = {"sr_dpo": {"name": "dpo", "beta": 0.1}, "sr_ipo": {"name": "ipo", "beta": 0.1}}
+SR_DPO = loss_config("sr_dpo", beta=0.1, sr_lambda=0.5)
+SR_IPO = loss_config("sr_ipo", beta=0.1, sr_lambda=0.5)
+PLAIN = {"sr_dpo": loss_config("dpo", beta=0.1), "sr_ipo": loss_config("ipo", beta=0.1)}
 
 
 def pair_inputs(seed: int) -> dict[str, torch.Tensor]:
@@ -64,15 +65,13 @@ def test_margin_shifts_every_rpo_row():
     """link(W_ij S_ij - lambda Delta_i): pair i's margin enters every entry of row i (and no other row)."""
     x = batch(3, 4, seed=4)
     delta = torch.tensor([0.5, 0.0, -0.8], dtype=torch.float64)
-    cfg = {"name": "rpo", "beta": 0.1, "tau": 0.5, "sr_lambda": 1.0}
+    cfg = loss_config("rpo", beta=0.1, tau=0.5, sr_lambda=1.0)
     expected = 0.0
     for i in range(3):
         for j in range(4):
             s = reward_by_hand(cfg, x, "chosen", i) - reward_by_hand(cfg, x, "rejected", j)
             expected += math.log1p(math.exp(-(weight_by_hand(cfg, x, i, j, 3, 4) * s - cfg["sr_lambda"] * delta[i].item())))
     assert preference_loss(**x, cfg=cfg, margin=delta)[0].item() == pytest.approx(expected / 12, rel=1e-10)
-    with pytest.raises(KeyError, match="loss.sr_lambda"):
-        preference_loss(**x, cfg={"name": "rpo", "beta": 0.1, "tau": 0.5}, margin=delta)
 
 
 SR_PROMPT = "Please generate a response with a usefulness rating of 100 out of 100. Query:"

@@ -21,12 +21,12 @@ from dataclasses import astuple
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from safetensors.torch import load_file
 from tqdm import tqdm
 
 from preference_datasets import BalancedSampler, EpochSampler, TokenizedPair, collate, collate_items
-from trainers.losses import REWARDS, WEIGHTINGS, kto_loss, loss_setting, preference_loss, rewards, sft_loss
+from trainers.losses import SFT, LossSpec, kto_loss, preference_loss, rewards, sft_loss
 from trainers.memory import (
     GB,
     MemoryPlan,
@@ -186,22 +186,19 @@ class BasicTrainer:
     ):
         self.cfg, self.stage, self.policy, self.tokenizer = cfg, stage, policy, tokenizer
         self.stage_cfg = cfg[stage]
-        self.loss_cfg = OmegaConf.to_container(cfg.loss) if stage == "align" else {"name": "sft"}
+        self.loss = LossSpec.of(cfg.loss) if stage == "align" else SFT
         self.train_set = data["train"]
         self.paired = isinstance(self.train_set[0], TokenizedPair)
         self.test_set = self.checked_held_out(data["test"])
         self.stage_dir, self.metrics, self.embeddings = stage_dir, metrics, embeddings
-        self.kto = self.loss_cfg["name"] == "kto"
-        self.self_refined = stage == "align" and bool(self.loss_cfg.get("sr_lambda"))
-        if self.self_refined and not (self.paired and self.loss_cfg.get("sr_delta") in ("refined", "naive")):
-            raise ValueError("self-refinement (loss.sr_lambda) needs paired data and loss.sr_delta refined or naive")
+        self.kto = self.loss.kind == "kto"
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.device = self.launch(cfg)
         self.compute_dtype = self.compute_precision()
         self.sampler = self.build_sampler()
         self.plan = self.configured_micro_batches()  # None: fitted to the memory budget when the stage starts
         self.total_examples = self.planned_examples()
-        needs_reference = stage == "align" and (self.kto or loss_setting(self.loss_cfg, "reward", REWARDS) != "length_normalized")
+        needs_reference = self.loss.needs_reference
         precompute = needs_reference and cfg.reference.precompute
         weights_key = on_main_process(lambda: state_fingerprint(policy)) if precompute else None
         # the frozen reference keeps model.dtype: it has no optimizer, and its weights are those of the policy
@@ -370,16 +367,9 @@ class BasicTrainer:
                 f"estimated peak {plan.estimate_gb} GB of a {plan.budget_gb} GB budget "
                 f"({plan.base_gb} GB held + {plan.per_example_gb} GB per example; train.memory_budget={self.cfg.train.memory_budget})"
             )
-            if plan.accumulation_steps > 1 and self.contrasts_across_examples():
-                print(f"{self.stage}: note: {self.loss_cfg['name']}'s contrast matrix spans one micro-batch, not the whole batch")
+            if plan.accumulation_steps > 1 and self.loss.contrasts_across_examples:
+                print(f"{self.stage}: note: {self.loss.name}'s contrast matrix spans one micro-batch, not the whole batch")
         return plan
-
-    def contrasts_across_examples(self) -> bool:
-        """Whether the loss compares responses of different examples (RPO's matrix): then how a
-        batch is split into micro-batches changes the loss, not only the rounding."""
-        if self.stage == "sft" or self.kto:
-            return False
-        return loss_setting(self.loss_cfg, "weighting", WEIGHTINGS) != "diagonal"
 
     def probe_peak(self, indices: Sequence[int]) -> int | None:
         """The peak memory of one micro-batch's forward and backward pass (gradients discarded, no
@@ -542,7 +532,7 @@ class BasicTrainer:
     def precomputed_reference_logps(self, weights_key: str) -> dict[str, torch.Tensor]:
         """Reference log-probs of both splits, cached on disk by (weights, data, tokenization)."""
         data_key = text_fingerprint([astuple(e) for e in [*self.train_set, *self.test_set]], self.kto)
-        settings = (self.cfg.max_length, self.cfg.max_prompt_length, self.refines_on_augmented(), str(self.compute_dtype))
+        settings = (self.cfg.max_length, self.cfg.max_prompt_length, self.loss.refines_on_augmented, str(self.compute_dtype))
         key = text_fingerprint(weights_key, data_key, *settings)
         return load_or_compute(Path(self.cfg.cache_dir) / "reference_logps" / f"{key}.pt", self.reference_tables)
 
@@ -551,14 +541,11 @@ class BasicTrainer:
             "train": self.all_logps(self.policy, self.train_set, "reference log-probs (train)"),
             "test": self.all_logps(self.policy, self.test_set, "reference log-probs (test)"),
         }
-        if self.refines_on_augmented():
+        if self.loss.refines_on_augmented:
             for split, examples in (("train", self.train_set), ("test", self.test_set)):
                 augmented = [e.augmented for e in examples]
                 logps[f"{split}/augmented"] = self.all_logps(self.policy, augmented, f"reference log-probs ({split}, p + x)")
         return logps
-
-    def refines_on_augmented(self) -> bool:
-        return self.self_refined and self.loss_cfg["sr_delta"] == "refined"
 
     def reference_batch_logps(self, batch: Mapping, split: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The reference's `pair_logps` of the batch (None, None when the loss is reference-free).
@@ -592,9 +579,8 @@ class BasicTrainer:
         """Delta per pair: the policy's own reward difference, detached, on the augmented query p + x
         (`sr_delta=refined`: one extra no-grad forward) or on x itself (`naive`: this batch's
         log-probs and `reference`, the reference log-probs of the batch)."""
-        beta = float(self.loss_cfg["beta"])
-        kind = loss_setting(self.loss_cfg, "reward", REWARDS)
-        if self.refines_on_augmented():
+        beta, kind = self.loss.beta, self.loss.reward
+        if self.loss.refines_on_augmented:
             examples = self.train_set if split == "train" else self.test_set
             augmented = collate([examples[i].augmented for i in batch["index"].tolist()], batch["index"].tolist(), self.pad_id)
             with torch.no_grad():
@@ -624,18 +610,18 @@ class BasicTrainer:
         reference_first, reference_second = self.reference_batch_logps(batch, split)
         stats: Stats = {}
         margin = None
-        if self.self_refined:
+        if self.loss.self_refined:
             margin = self.gather(self.self_refinement_margin(logps, counts, (reference_first, reference_second), batch, split), split)
             stats["sr/delta_mean"] = (margin.mean().item(), len(margin))
             stats["sr/delta_squared"] = (margin.square().mean().item(), len(margin))  # becomes sr/delta_std
-            if self.refines_on_augmented():  # naive: the margin comes from x itself, as rewards/accuracy
+            if self.loss.refines_on_augmented:  # naive: the margin comes from x itself, as rewards/accuracy
                 stats["sr/accuracy_augmented"] = ((margin > 0).float().mean().item(), len(margin))  # the policy's judgement on p + x
         if self.kto:
             with torch.no_grad():
                 policy_kl_logps = self.logps(self.policy, batch["mismatched"])[0]
             items = [self.gather(values, split) for values in (logps, reference_first, batch["desirable"].to(self.device))]
             kl_pairs = [self.gather(values, split) for values in (policy_kl_logps, reference_second)]
-            loss, item_rewards, kl = kto_loss(*items, *kl_pairs, self.loss_cfg)
+            loss, item_rewards, kl = kto_loss(*items, *kl_pairs, self.loss)
             item_logps, desirable = items[0], items[2]
             chosen_rewards, rejected_rewards = item_rewards[desirable], item_rewards[~desirable]
             chosen, rejected = item_logps[desirable], item_logps[~desirable]
@@ -643,7 +629,7 @@ class BasicTrainer:
         else:
             sides = self.contrast_sides(logps, counts, (reference_first, reference_second), batch, split)
             chosen, rejected = sides["policy_chosen_logps"], sides["policy_rejected_logps"]
-            loss, chosen_rewards, rejected_rewards = preference_loss(**sides, cfg=self.loss_cfg, margin=margin)
+            loss, chosen_rewards, rejected_rewards = preference_loss(**sides, cfg=self.loss, margin=margin)
         # paired: each pair's own comparison; unpaired: every chosen response against every rejected one
         wins = chosen_rewards > rejected_rewards if self.paired else chosen_rewards.unsqueeze(1) > rejected_rewards.unsqueeze(0)
         responses = len(chosen) + len(rejected)

@@ -65,7 +65,6 @@ class FSDPTrainer(BasicTrainer):
 
     def __init__(self, cfg: DictConfig, stage: str, policy: torch.nn.Module, *args, **kwargs):
         self.rank, self.world_size = rank(), world_size()
-        self.global_batch = stage == "align" and bool(cfg.loss.get("global_batch", True))
         super().__init__(cfg, stage, policy, *args, **kwargs)
 
     # ----------------------------------------------------------------------------- wrapping
@@ -164,7 +163,7 @@ class FSDPTrainer(BasicTrainer):
     def gather(self, values: torch.Tensor | None, split: str) -> torch.Tensor | None:
         """With `loss.global_batch` in training: every process's values in rank order, the
         gradient flowing back to the process that computed them. Parts may differ in length."""
-        if values is None or split != "train" or not self.global_batch:
+        if values is None or split != "train" or not self.loss.global_batch:
             return values
         is_bool = values.dtype == torch.bool
         local = values.to(torch.uint8) if is_bool else values

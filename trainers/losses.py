@@ -15,48 +15,176 @@ responses and a reward r per response,
 - link: `sigmoid` -log sigmoid(z) (with DPO's `label_smoothing`); `ipo` (z / beta - 1/(2 beta))^2,
   the shift entering on the log-ratio scale
 
-DPO, IPO, SimPO, RPO and their combinations are presets of this one function (`PRESETS`);
-the keys of the `loss` config override a preset. KTO, the one non-contrast loss, is `kto_loss`.
+DPO, IPO, SimPO, RPO and their combinations are settings of this one function, spelled out in
+`config/loss/*.yaml` (the one place that says what each name means). KTO, the one non-contrast
+loss, is `kto_loss`. `LossSpec` checks a loss config once and answers what the loss needs.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 
-# What each loss name means when its config leaves a key out; the YAML files spell them out.
-PRESETS: dict[str, dict[str, object]] = {
-    "dpo": {"weighting": "diagonal", "link": "sigmoid", "reward": "log_ratio"},
-    "ipo": {"weighting": "diagonal", "link": "ipo", "reward": "mean_log_ratio"},
-    "simpo": {"weighting": "diagonal", "link": "sigmoid", "reward": "length_normalized"},
-    "rpo": {"weighting": "embedding", "link": "sigmoid", "reward": "log_ratio"},
-    "rpo_unpaired": {"weighting": "embedding", "link": "sigmoid", "reward": "log_ratio"},
-    "rpo_uniform": {"weighting": "uniform", "link": "sigmoid", "reward": "log_ratio"},
-    "rpo_diagonal": {"weighting": "diagonal_emphasis", "link": "sigmoid", "reward": "log_ratio"},
-    "rpo_simpo": {"weighting": "embedding", "link": "sigmoid", "reward": "length_normalized"},
-    "sr_dpo": {"weighting": "diagonal", "link": "sigmoid", "reward": "log_ratio"},
-    "sr_ipo": {"weighting": "diagonal", "link": "ipo", "reward": "mean_log_ratio"},
-}
+from utils import ConfigError
+
+KINDS = ("sft", "contrast", "kto")
 WEIGHTINGS = ("diagonal", "uniform", "diagonal_emphasis", "embedding")
 LINKS = ("sigmoid", "ipo")
 REWARDS = ("log_ratio", "mean_log_ratio", "length_normalized")
+SR_DELTAS = ("refined", "naive")
+COMPATS = ("paper", "official")
+EMBEDDING_INPUTS = ("prompt", "prompt_response")
 
 
-def _require(cfg: Mapping, key: str) -> object:
-    if cfg.get(key) is None:
-        raise KeyError(f"loss config {cfg.get('name', '?')!r} needs the key loss.{key}")
-    return cfg[key]
+def _number(cfg: Mapping, key: str, problems: list[str], low: float, high: float = math.inf, *, open_low: bool = False) -> float:
+    """`cfg[key]` as a float in [low, high] (or (low, high] with `open_low`); a problem line otherwise."""
+    value = cfg.get(key)
+    bounds = f"{'(' if open_low else '['}{low:g}, {high:g}]"
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        problems.append(f"loss.{key}={value!r}: give a number in {bounds}")
+        return math.nan
+    if value < low or value > high or (open_low and value == low):
+        problems.append(f"loss.{key}={value!r}: out of range, give a number in {bounds}")
+    return float(value)
 
 
-def loss_setting(cfg: Mapping, key: str, allowed: tuple[str, ...]) -> str:
-    """A structural key of the loss (`weighting`, `link`, `reward`): the config's, else the preset's."""
-    preset = PRESETS.get(cfg["name"], {})
-    value = cfg.get(key) or preset.get(key)
+def _choice(cfg: Mapping, key: str, allowed: tuple[str, ...], problems: list[str]) -> str:
+    value = cfg.get(key)
     if value not in allowed:
-        raise ValueError(f"loss.{key}={value!r} for loss {cfg['name']!r}: choose one of {', '.join(allowed)}")
-    return value
+        problems.append(f"loss.{key}={value!r}: choose one of {', '.join(allowed)}")
+    return str(value)
+
+
+def _flag(cfg: Mapping, key: str, problems: list[str]) -> bool:
+    value = cfg.get(key)
+    if not isinstance(value, bool):
+        problems.append(f"loss.{key}={value!r}: give true or false")
+    return bool(value)
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A loss config, checked once: what the loss is and what it needs.
+
+    `kind` is `sft` (NLL of the chosen responses), `contrast` (`preference_loss`: DPO, IPO, SimPO,
+    RPO, self-refinement) or `kto` (`kto_loss`). Every question the trainer asks about the loss
+    (does it need a reference, embeddings, pairs, an augmented pass?) is a property of the spec.
+    """
+
+    name: str
+    kind: str
+    beta: float = 0.0
+    weighting: str = "diagonal"
+    link: str = "sigmoid"
+    reward: str = "log_ratio"
+    paired: bool = True
+    tau: float = 0.0
+    alpha: float = 0.0
+    gamma_beta_ratio: float = 0.0
+    label_smoothing: float = 0.0
+    sr_lambda: float = 0.0
+    sr_delta: str = "refined"
+    sr_prompt: str = ""
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    compat: str = "paper"
+    embedding_model: str = ""
+    embedding_input: str = "prompt"
+    global_batch: bool = True
+
+    @classmethod
+    def of(cls, cfg: Mapping | LossSpec) -> LossSpec:
+        """The spec of a `loss` config node (a spec is returned as it is); `ConfigError` lists every problem."""
+        if isinstance(cfg, LossSpec):
+            return cfg
+        spec, problems = cls.checked(cfg)
+        if problems:
+            raise ConfigError("\n".join(problems))
+        return spec
+
+    @classmethod
+    def checked(cls, cfg: Mapping) -> tuple[LossSpec, list[str]]:
+        """The spec and one line per problem of the config (types, choices, ranges, combinations)."""
+        problems: list[str] = []
+        name, kind = str(cfg.get("name")), _choice(cfg, "kind", KINDS, problems)
+        if kind == "sft" or problems:
+            return cls(name, kind), problems
+        values: dict[str, object] = {"beta": _number(cfg, "beta", problems, 0.0, open_low=True)}
+        if "global_batch" in cfg:
+            values["global_batch"] = _flag(cfg, "global_batch", problems)
+        if kind == "kto":
+            values["desirable_weight"] = _number(cfg, "desirable_weight", problems, 0.0, open_low=True)
+            values["undesirable_weight"] = _number(cfg, "undesirable_weight", problems, 0.0, open_low=True)
+            if _flag(cfg, "paired", problems):
+                problems.append("loss.paired=true: KTO judges responses one at a time, it needs loss.paired=false")
+            return cls(name, kind, paired=False, **values), problems
+        values.update(
+            weighting=_choice(cfg, "weighting", WEIGHTINGS, problems),
+            link=_choice(cfg, "link", LINKS, problems),
+            reward=_choice(cfg, "reward", REWARDS, problems),
+            paired=_flag(cfg, "paired", problems),
+            compat=_choice({"compat": "paper", **cfg}, "compat", COMPATS, problems),
+        )
+        optional = {"gamma_beta_ratio": (0.0,), "label_smoothing": (0.0, 0.5), "sr_lambda": (0.0,)}
+        for key, bounds in optional.items():
+            if cfg.get(key) is not None:
+                values[key] = _number(cfg, key, problems, *bounds)
+        if values["weighting"] == "embedding":
+            values["tau"] = _number(cfg, "tau", problems, 0.0, open_low=True)
+            embedding = cfg.get("embedding") or {}
+            values["embedding_model"] = str(embedding.get("model") or "")
+            if not values["embedding_model"]:
+                problems.append("loss.embedding.model: name the sentence-embedding model of RPO's weights")
+            values["embedding_input"] = str(embedding.get("input"))
+            if values["embedding_input"] not in EMBEDDING_INPUTS:
+                problems.append(f"loss.embedding.input={embedding.get('input')!r}: choose one of {', '.join(EMBEDDING_INPUTS)}")
+        if values["link"] == "ipo" and values.get("label_smoothing"):
+            problems.append(f"loss.label_smoothing={cfg['label_smoothing']}: it smooths the sigmoid link, this loss has link=ipo")
+        if values["weighting"] == "diagonal_emphasis":
+            values["alpha"] = _number(cfg, "alpha", problems, 0.0, 1.0)
+        if values["weighting"] in ("diagonal", "diagonal_emphasis") and not values["paired"]:
+            problems.append(f"loss.weighting={values['weighting']} contrasts the two responses of one prompt: it needs loss.paired=true")
+        if values.get("sr_lambda"):
+            values["sr_delta"] = _choice(cfg, "sr_delta", SR_DELTAS, problems)
+            values["sr_prompt"] = str(cfg.get("sr_prompt") or "")
+            if not values["paired"]:
+                problems.append(f"loss.sr_lambda={cfg['sr_lambda']}: self-refinement needs pairs: loss.paired=true")
+            if values["sr_delta"] == "refined" and not values["sr_prompt"].strip():
+                problems.append("loss.sr_prompt: sr_delta=refined needs the prompt p that augments each query")
+        return cls(name, kind, **values), problems
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the loss compares against the frozen reference (all but SFT and SimPO's reward)."""
+        return self.kind == "kto" or (self.kind == "contrast" and self.reward != "length_normalized")
+
+    @property
+    def needs_embeddings(self) -> bool:
+        return self.kind == "contrast" and self.weighting == "embedding"
+
+    @property
+    def self_refined(self) -> bool:
+        return self.kind == "contrast" and self.sr_lambda > 0
+
+    @property
+    def refines_on_augmented(self) -> bool:
+        """Self-refinement's Delta comes from an extra pass on the augmented query p + x."""
+        return self.self_refined and self.sr_delta == "refined"
+
+    @property
+    def contrasts_across_examples(self) -> bool:
+        """Whether the loss compares responses of different examples (RPO's matrix)."""
+        return self.kind == "contrast" and self.weighting != "diagonal"
+
+    def as_dict(self) -> dict[str, object]:
+        return {field.name: getattr(self, field.name) for field in fields(self)}
+
+
+SFT = LossSpec("sft", "sft", global_batch=False)  # SFT couples no examples: nothing to gather
 
 
 def _per_token(logps: torch.Tensor, lengths: torch.Tensor | None, side: str) -> torch.Tensor:
@@ -89,8 +217,7 @@ def cosine_distance(chosen_embeddings: torch.Tensor, rejected_embeddings: torch.
 
 
 def contrast_weights(
-    weighting: str,
-    cfg: Mapping,
+    spec: LossSpec,
     contrast: torch.Tensor,
     chosen_embeddings: torch.Tensor | None,
     rejected_embeddings: torch.Tensor | None,
@@ -100,47 +227,44 @@ def contrast_weights(
     W carries no gradient: it depends on the prompts only (embeddings are inputs, not parameters).
     """
     rows, columns = contrast.shape
-    official = cfg.get("compat", "paper") == "official"
-    if weighting == "uniform":
+    official = spec.compat == "official"
+    if spec.weighting == "uniform":
         return torch.full_like(contrast, 1.0 if official else 1.0 / columns)
-    if weighting == "diagonal_emphasis":
+    if spec.weighting == "diagonal_emphasis":
         if rows != columns:
             raise ValueError(f"weighting 'diagonal_emphasis' needs paired data (M = N), got {rows} chosen and {columns} rejected")
-        alpha = float(_require(cfg, "alpha"))
-        off_diagonal = (1 - alpha) / (rows - 1) if rows > 1 else 0.0
-        return torch.full_like(contrast, off_diagonal).fill_diagonal_(alpha)
+        off_diagonal = (1 - spec.alpha) / (rows - 1) if rows > 1 else 0.0
+        return torch.full_like(contrast, off_diagonal).fill_diagonal_(spec.alpha)
     if chosen_embeddings is None or rejected_embeddings is None:
         raise ValueError("weighting 'embedding' (RPO) needs chosen_embeddings and rejected_embeddings")
-    tau = float(_require(cfg, "tau"))
     dtype = torch.promote_types(contrast.dtype, torch.float32)
     distance = cosine_distance(chosen_embeddings.to(contrast.device, dtype), rejected_embeddings.to(contrast.device, dtype))
-    return torch.softmax(-distance / tau, dim=1).to(contrast.dtype)
+    return torch.softmax(-distance / spec.tau, dim=1).to(contrast.dtype)
 
 
-def link_losses(link: str, logits: torch.Tensor, shift: torch.Tensor, beta: float, cfg: Mapping) -> torch.Tensor:
+def link_losses(spec: LossSpec, logits: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Per-entry losses of (weighted) reward differences `logits`, shifted by the margin."""
-    if link == "ipo":
-        return (logits / beta - shift - 1 / (2 * beta)) ** 2
+    if spec.link == "ipo":
+        return (logits / spec.beta - shift - 1 / (2 * spec.beta)) ** 2
     z = logits - shift
-    smoothing = float(cfg.get("label_smoothing") or 0.0)
+    smoothing = spec.label_smoothing
     return -(1 - smoothing) * F.logsigmoid(z) - smoothing * F.logsigmoid(-z)
 
 
-def margin_shift(cfg: Mapping, beta: float, link: str, margin: torch.Tensor | None, rows: int) -> torch.Tensor:
+def margin_shift(spec: LossSpec, margin: torch.Tensor | None, rows: int) -> torch.Tensor:
     """[M, 1] what is subtracted inside the link: SimPO's gamma and the self-refinement margin.
 
     For the sigmoid link the shift is on the reward scale (beta * h - gamma - lambda * Delta);
     for the IPO link on the log-ratio scale (h - lambda * Delta - 1/(2 beta)), as Sr-IPO writes it.
     """
     shift = torch.zeros(rows, 1, dtype=torch.float64)  # cast to the rewards' dtype by the caller
-    gamma_beta_ratio = cfg.get("gamma_beta_ratio")
-    if gamma_beta_ratio:
-        gamma = float(gamma_beta_ratio) * beta
-        shift = shift + (gamma / beta if link == "ipo" else gamma)
+    if spec.gamma_beta_ratio:
+        gamma = spec.gamma_beta_ratio * spec.beta
+        shift = shift + (gamma / spec.beta if spec.link == "ipo" else gamma)
     if margin is not None:
         if margin.shape != (rows,):
             raise ValueError(f"margin must have one value per chosen response ({rows}), got shape {tuple(margin.shape)}")
-        shift = shift.to(margin.device) + float(_require(cfg, "sr_lambda")) * margin.detach().unsqueeze(1)
+        shift = shift.to(margin.device) + spec.sr_lambda * margin.detach().unsqueeze(1)
     return shift
 
 
@@ -149,7 +273,7 @@ def preference_loss(
     policy_rejected_logps: torch.Tensor,
     reference_chosen_logps: torch.Tensor | None,
     reference_rejected_logps: torch.Tensor | None,
-    cfg: Mapping,
+    cfg: Mapping | LossSpec,
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
     *,
@@ -163,9 +287,8 @@ def preference_loss(
         policy_chosen_logps, policy_rejected_logps: summed response log-probs, [M] and [N].
         reference_chosen_logps, reference_rejected_logps: the same under the frozen reference
             (None for the reference-free `length_normalized` reward).
-        cfg: the `loss` config node: `name`, `beta`, and optionally `weighting`, `link`, `reward`
-            (defaults from `PRESETS[name]`), `tau`, `alpha`, `gamma_beta_ratio`,
-            `label_smoothing`, `sr_lambda`, `compat` (`paper` or `official`).
+        cfg: the `loss` config node (`config/loss/*.yaml`: `kind: contrast`, `beta`, `weighting`,
+            `link`, `reward`, `paired` and the keys they need) or its `LossSpec`.
         chosen_lengths, rejected_lengths: response token counts, [M] and [N].
         chosen_embeddings, rejected_embeddings: prompt embeddings, [M, d] and [N, d] (RPO).
         margin: [M] a detached margin per chosen response, scaled by `sr_lambda` (self-refinement).
@@ -173,30 +296,29 @@ def preference_loss(
     Returns:
         The scalar loss and the (detached) rewards of the chosen [M] and rejected [N] responses.
     """
-    beta = float(_require(cfg, "beta"))
-    weighting = loss_setting(cfg, "weighting", WEIGHTINGS)
-    link = loss_setting(cfg, "link", LINKS)
-    reward = loss_setting(cfg, "reward", REWARDS)
-    chosen_rewards = rewards(reward, beta, policy_chosen_logps, reference_chosen_logps, chosen_lengths, "chosen")
-    rejected_rewards = rewards(reward, beta, policy_rejected_logps, reference_rejected_logps, rejected_lengths, "rejected")
+    spec = LossSpec.of(cfg)
+    if spec.kind != "contrast":
+        raise ValueError(f"loss {spec.name!r} is not a contrast loss (kind {spec.kind})")
+    chosen_rewards = rewards(spec.reward, spec.beta, policy_chosen_logps, reference_chosen_logps, chosen_lengths, "chosen")
+    rejected_rewards = rewards(spec.reward, spec.beta, policy_rejected_logps, reference_rejected_logps, rejected_lengths, "rejected")
     rows, columns = len(chosen_rewards), len(rejected_rewards)
     if rows == 0 or columns == 0:
         raise ValueError(f"a contrast loss needs chosen and rejected responses: got {rows} chosen and {columns} rejected")
-    shift = margin_shift(cfg, beta, link, margin, rows).to(chosen_rewards)
-    if weighting == "diagonal":
+    shift = margin_shift(spec, margin, rows).to(chosen_rewards)
+    if spec.weighting == "diagonal":
         if rows != columns:
             raise ValueError(
-                f"loss {cfg['name']!r} pairs chosen and rejected responses of the same prompt: got {rows} chosen and {columns} rejected"
+                f"loss {spec.name!r} pairs chosen and rejected responses of the same prompt: got {rows} chosen and {columns} rejected"
             )
-        losses = link_losses(link, (chosen_rewards - rejected_rewards).unsqueeze(1), shift, beta, cfg)
+        losses = link_losses(spec, (chosen_rewards - rejected_rewards).unsqueeze(1), shift)
     else:
         contrast = chosen_rewards.unsqueeze(1) - rejected_rewards.unsqueeze(0)
-        weights = contrast_weights(weighting, cfg, contrast, chosen_embeddings, rejected_embeddings)
-        if weighting == "diagonal_emphasis" and cfg.get("compat", "paper") == "official":
+        weights = contrast_weights(spec, contrast, chosen_embeddings, rejected_embeddings)
+        if spec.weighting == "diagonal_emphasis" and spec.compat == "official":
             # the official code weights each row's pair losses (alpha on the diagonal) and sums them
-            losses = (weights * link_losses(link, contrast, shift, beta, cfg)).sum(dim=1)
+            losses = (weights * link_losses(spec, contrast, shift)).sum(dim=1)
         else:
-            losses = link_losses(link, weights * contrast, shift, beta, cfg)
+            losses = link_losses(spec, weights * contrast, shift)
     return losses.mean(), chosen_rewards.detach(), rejected_rewards.detach()
 
 
@@ -206,7 +328,7 @@ def kto_loss(
     desirable: torch.Tensor,
     policy_kl_logps: torch.Tensor,
     reference_kl_logps: torch.Tensor,
-    cfg: Mapping,
+    cfg: Mapping | LossSpec,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """KTO (Ethayarajh et al., 2024) on B responses judged alone.
 
@@ -216,7 +338,8 @@ def kto_loss(
 
     Returns the mean of the B weighted losses, the rewards beta * r [B] and z0.
     """
-    beta = float(_require(cfg, "beta"))
+    spec = LossSpec.of(cfg)
+    beta = spec.beta
     if len(policy_kl_logps) == 0:
         raise ValueError("kto_loss needs at least one mismatched (prompt, response) pair for its KL reference point")
     kl = (policy_kl_logps - reference_kl_logps).mean().clamp(min=0).detach()
@@ -224,7 +347,7 @@ def kto_loss(
     desirable = desirable.bool()
     losses = torch.where(
         desirable,
-        float(cfg.get("desirable_weight", 1.0)) * (1 - torch.sigmoid(beta * (log_ratio - kl))),
-        float(cfg.get("undesirable_weight", 1.0)) * (1 - torch.sigmoid(beta * (kl - log_ratio))),
+        spec.desirable_weight * (1 - torch.sigmoid(beta * (log_ratio - kl))),
+        spec.undesirable_weight * (1 - torch.sigmoid(beta * (kl - log_ratio))),
     )
     return losses.mean(), beta * log_ratio.detach(), kl

@@ -1,0 +1,159 @@
+"""Start-up checks: every problem of a composed config, one line each, before any data or model loads.
+
+`check_config` returns the loss's `LossSpec`; a config with problems raises one `ConfigError`
+whose lines each name a key, its value and what is wrong. Data problems (unreadable files, broken
+rows, one-sided unpaired data) are the loaders' `DataError`s, raised while the data loads, still
+before any model does (`train.run`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from preference_datasets import BalancedSampler, LabelledResponse
+from trainers import TRAINERS
+from trainers.basic import OPTIMIZERS
+from trainers.losses import LossSpec
+from utils import ConfigError
+
+DTYPES = ("float32", "bfloat16")  # float16 would need loss scaling, which no trainer does
+MIXED_PRECISION = ("auto", "bf16", "fp32")
+UNSET = object()
+
+
+class Checker:
+    """Collects one line per problem of a config; each check returns the value it checked."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg, self.problems = cfg, []
+
+    def value(self, key: str) -> object:
+        return OmegaConf.select(self.cfg, key, default=UNSET)
+
+    def fail(self, key: str, message: str) -> None:
+        value = self.value(key)
+        self.problems.append(f"{key}: missing" if value is UNSET else f"{key}={value!r}: {message}")
+
+    def whole(self, key: str, low: int = 1, *, optional: bool = False, auto: bool = False) -> int | None:
+        """A whole number >= low; `optional` allows null, `auto` the word auto."""
+        value = self.value(key)
+        if (optional and value is None) or (auto and value == "auto"):
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            alternatives = "".join([", or null" if optional else "", ", or auto" if auto else ""])
+            self.fail(key, f"give a whole number of at least {low}{alternatives}")
+            return None
+        return value
+
+    def positive(self, key: str, *, auto: bool = False) -> float | None:
+        value = self.value(key)
+        if auto and value == "auto":
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+            self.fail(key, "give a number greater than 0" + (", or auto" if auto else ""))
+            return None
+        return float(value)
+
+    def choice(self, key: str, allowed: Sequence[str], hint: str = "") -> str | None:
+        value = self.value(key)
+        if value not in allowed:
+            self.fail(key, f"choose one of {', '.join(allowed)}{hint}")
+            return None
+        return value
+
+    def flag(self, key: str) -> bool | None:
+        value = self.value(key)
+        if not isinstance(value, bool):
+            self.fail(key, "give true or false")
+            return None
+        return value
+
+
+def processes() -> int:
+    """The processes this launch trains in (torchrun's WORLD_SIZE; 1 otherwise)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_config(cfg: DictConfig) -> LossSpec:
+    """Every problem of the composed config at once (types, ranges, choices, divisibility); the loss spec."""
+    check = Checker(cfg)
+    check.choice("trainer", list(TRAINERS))
+    check.whole("seed", low=0)
+    check.choice("model.dtype", DTYPES, " (float16 needs loss scaling, which is not done: use bfloat16)")
+    archive = check.value("model.archive")
+    if archive and not (Path(str(archive)) / "config.json").is_file():
+        check.fail("model.archive", "not a Hugging Face model folder (no config.json in it)")
+    length, prompt_length = check.whole("max_length"), check.whole("max_prompt_length")
+    if length and prompt_length and prompt_length >= length:
+        check.fail("max_prompt_length", f"must be less than max_length={length}, which counts the prompt and the response")
+    check_train(check)
+    for stage in ("sft", "align"):
+        check.positive(f"{stage}.lr")
+        check.whole(f"{stage}.warmup_steps", low=0)
+        check.whole(f"{stage}.epochs")
+        check.whole(f"{stage}.max_examples", optional=True)
+    for key in ("sft.enabled", "reference.precompute", "wandb.enabled", "debug"):
+        check.flag(key)
+    if cfg.trainer == "fsdp":
+        check.choice("fsdp.mixed_precision", MIXED_PRECISION)
+        check.flag("fsdp.activation_checkpointing")
+    if not isinstance(check.value("datasets"), DictConfig) or not cfg.datasets:
+        check.fail("datasets", "choose at least one dataset, e.g. datasets=[hh]")
+    spec, loss_problems = LossSpec.checked(cfg.loss)
+    check.problems += loss_problems
+    if not loss_problems:
+        check_contrast_size(check, spec)
+    if check.problems:
+        raise ConfigError("\n".join(check.problems))
+    return spec
+
+
+def check_train(check: Checker) -> None:
+    check.choice("train.optimizer", list(OPTIMIZERS))
+    batch = check.whole("train.batch_size")
+    for key in ("eval_batch_size", "log_every"):
+        check.whole(f"train.{key}")
+    for key in ("eval_every", "save_every", "max_eval_examples"):
+        check.whole(f"train.{key}", optional=True)
+    check.positive("train.max_grad_norm")
+    check.positive("train.memory_budget", auto=True)
+    micro = check.whole("train.micro_batch_size", auto=True)
+    steps = check.whole("train.gradient_accumulation_steps", optional=True)
+    if micro and steps:
+        check.fail("train.gradient_accumulation_steps", f"and train.micro_batch_size={micro} both size the micro-batches: set one")
+    parts = (steps or 1) * processes()
+    if batch and steps and batch % parts:
+        sizes = [len(range(k, batch, parts)) for k in range(parts)]
+        check.fail("train.batch_size", f"splits unevenly into {parts} micro-batches {tuple(sizes)}: use a multiple of {parts}")
+
+
+def check_contrast_size(check: Checker, spec: LossSpec) -> None:
+    """A contrast matrix over one pair is DPO: refuse a batch or micro-batch that leaves RPO one pair."""
+    if not (spec.contrasts_across_examples and spec.paired):
+        return
+    batch, micro = check.value("train.batch_size"), check.value("train.micro_batch_size")
+    steps = check.value("train.gradient_accumulation_steps")
+    per_matrix = micro if isinstance(micro, int) else (batch // (steps * processes()) if isinstance(steps, int) else batch)
+    if isinstance(per_matrix, int) and per_matrix < 2:
+        key = "train.micro_batch_size" if isinstance(micro, int) else "train.batch_size"
+        check.fail(key, f"loss={spec.name} contrasts the pairs of a (micro-)batch: with {per_matrix} pair it is plain DPO, give at least 2")
+
+
+def check_unpaired_batches(cfg: DictConfig, items: Sequence[LabelledResponse]) -> None:
+    """Unpaired alignment: the first batch must give each configured micro-batch of each process
+    both sides (the trainer checks again once an auto micro-batch is fitted)."""
+    sampler = BalancedSampler([item.desirable for item in items], cfg.seed)
+    batch, steps, micro = cfg.train.batch_size, cfg.train.gradient_accumulation_steps, cfg.train.micro_batch_size
+    first = min(batch, len(items) * cfg.align.epochs, cfg.align.max_examples or batch)
+    parts = (steps or (math.ceil(first / (micro * processes())) if isinstance(micro, int) else 1)) * processes()
+    chosen, rejected = sampler.sides(first)
+    if min(chosen, rejected) < parts:
+        raise ConfigError(
+            f"train.batch_size={batch}: a first batch of {first} unpaired responses holds {chosen} desirable and {rejected} "
+            f"undesirable ones, too few for {parts} micro-batches that each need both: use a larger batch or fewer micro-batches"
+        )
