@@ -170,13 +170,14 @@ def prompt_text(example: Example) -> str:
     return "\n".join(message["content"] for message in example.prompt)
 
 
-def contrast_embeddings(cfg: DictConfig, spec: LossSpec, examples: dict[str, list]) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+def contrast_embeddings(cfg: DictConfig, examples: dict[str, list]) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
     """Per split, embeddings of the chosen and of the rejected side of each example, for RPO's weights.
 
     `loss.embedding.input=prompt` embeds the prompt (both sides of a pair share it);
     `prompt_response` embeds each response with its prompt (the RPO paper's ablation). Unpaired
     items have one side: the same table serves both.
     """
+    spec = LossSpec.of(cfg.loss)
     if not spec.needs_embeddings:
         return None
     model, kind = spec.embedding_model, spec.embedding_input
@@ -198,10 +199,11 @@ def contrast_embeddings(cfg: DictConfig, spec: LossSpec, examples: dict[str, lis
     return embeddings
 
 
-def prepare_examples(cfg: DictConfig, spec: LossSpec, examples: dict[str, list[Example]]) -> dict[str, list[Example]]:
+def prepare_examples(cfg: DictConfig, examples: dict[str, list[Example]]) -> dict[str, list[Example]]:
     """Pairs for the paired losses; single labelled responses for unpaired ones (`loss.paired=false`);
     of the held-out ones, those every evaluation scores (`train.max_eval_examples`). Unpaired data
     is checked here to have both sides and batches that can hold them, before the SFT stage."""
+    spec = LossSpec.of(cfg.loss)
     has_unpaired = any(isinstance(e, LabelledResponse) for rows in examples.values() for e in rows)
     paired = spec.paired and not (spec.kind == "sft" and has_unpaired)
     prepared = {split: require_pairs(rows, spec.name) if paired else as_items(rows) for split, rows in examples.items()}
@@ -217,11 +219,11 @@ def prepare_examples(cfg: DictConfig, spec: LossSpec, examples: dict[str, list[E
     return {**prepared, "test": evaluation_slice(prepared["test"], cfg.train.max_eval_examples)}
 
 
-def load_examples(cfg: DictConfig, spec: LossSpec) -> dict[str, list[Example]]:
+def load_examples(cfg: DictConfig) -> dict[str, list[Example]]:
     """The configured datasets, prepared for the loss; records the held-out set in `cfg.heldout`
     (saved in config.yaml, so a resumed run is checked to hold out the same examples)."""
     loaded = load_datasets(cfg.datasets)
-    examples = prepare_examples(cfg, spec, loaded)
+    examples = prepare_examples(cfg, loaded)
     cfg.heldout = held_out_record(loaded["test"], examples["test"])
     return examples
 
@@ -237,8 +239,9 @@ def held_out_record(split: list[Example], evaluated: list[Example]) -> dict:
     }
 
 
-def tokenize_examples(cfg: DictConfig, spec: LossSpec, tokenizer, examples: dict[str, list[Example]]) -> dict[str, list]:
+def tokenize_examples(cfg: DictConfig, tokenizer, examples: dict[str, list[Example]]) -> dict[str, list]:
     """Token ids of every example, once per run (with the augmented twins self-refinement needs)."""
+    spec = LossSpec.of(cfg.loss)
     sr_prompt = spec.sr_prompt if spec.refines_on_augmented else None
     encode = PairTokenizer(tokenizer, cfg.max_length, cfg.max_prompt_length, sr_prompt)
     if isinstance(examples["train"][0], PreferencePair):
@@ -247,8 +250,8 @@ def tokenize_examples(cfg: DictConfig, spec: LossSpec, tokenizer, examples: dict
     return {split: encode.items(rows, cfg.seed) for split, rows in examples.items()}
 
 
-def stages(cfg: DictConfig, spec: LossSpec) -> list[str]:
-    if spec.kind == "sft":
+def stages(cfg: DictConfig) -> list[str]:
+    if LossSpec.of(cfg.loss).kind == "sft":
         return ["sft"]
     return ["sft", "align"] if cfg.sft.enabled else ["align"]
 
@@ -294,20 +297,20 @@ def report(results: dict, run_dir: Path, final_model: Path, cfg: DictConfig) -> 
 
 def run(cfg: DictConfig, output_dir: Path) -> dict:
     """Run every stage of the config in `output_dir` (or in the run being resumed); return the summary."""
-    spec = check_config(cfg)  # every config problem, before anything loads
+    check_config(cfg)  # every config problem, before anything loads
     trainer_type = trainer_class(cfg.trainer)
     trainer_type.launch(cfg)
     seed_everything(cfg.seed)
-    examples = load_examples(cfg, spec)  # data problems, still before any model loads
+    examples = load_examples(cfg)  # data problems, still before any model loads
     run_dir = on_main_process(lambda: prepare_run_dir(cfg, output_dir))  # every process writes into rank 0's
     discard_stray_output(output_dir, run_dir)  # a resumed run's launch folder, another rank's clock
     with main_process_first():  # rank 0 fills the cache (converted models) before the others read it
         tokenizer = load_tokenizer(cfg)
-    data = tokenize_examples(cfg, spec, tokenizer, examples)
-    embeddings = contrast_embeddings(cfg, spec, examples)
+    data = tokenize_examples(cfg, tokenizer, examples)
+    embeddings = contrast_embeddings(cfg, examples)
     metrics = MetricsLog(run_dir / "metrics.jsonl", start_wandb(cfg, run_dir) if is_main_process() else None)
     results, offset, final_model = {}, 0, None
-    for stage in stages(cfg, spec):
+    for stage in stages(cfg):
         previous, final_model = final_model, run_dir / stage / "final"
         finished = on_main_process(partial(stage_finished, final_model))
         if finished:

@@ -58,7 +58,7 @@ def build(cfg, folder: Path, stage: str = "align"):
     data = train.tokenize_examples(cfg, tokenizer, examples)
     policy = train.load_policy(cfg, tokenizer)
     metrics = MetricsLog(folder / "metrics.jsonl")
-    trainer_class = train.TRAINERS[cfg.trainer]
+    trainer_class = train.trainer_class(cfg.trainer)
     return trainer_class(cfg, stage, policy, tokenizer, data, folder / stage, metrics, train.contrast_embeddings(cfg, examples))
 
 

@@ -9,11 +9,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import loss_config
 from trl import KTOTrainer
 from trl.experimental.cpo import CPOTrainer
 
 from trainers.losses import kto_loss, preference_loss
-from conftest import loss_config
 
 PRESET_CONFIGS = {
     "rpo": loss_config("rpo", beta=0.1, tau=0.5),

@@ -8,10 +8,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import loss_config
 from trl import DPOTrainer
 
 from trainers.losses import preference_loss, sft_loss
-from conftest import loss_config
 
 
 def random_logps(n: int, seed: int) -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from conftest import loss_config
 
 import train
 from preference_datasets import PairTokenizer, PreferencePair, augment, collate
@@ -15,7 +16,6 @@ from tests.conftest import ROOT, build
 from tests.test_contrast_losses import batch, reward_by_hand, weight_by_hand
 from tests.test_loop_values import full_logps, perturbed
 from trainers.losses import preference_loss
-from conftest import loss_config
 
 SR_DPO = loss_config("sr_dpo", beta=0.1, sr_lambda=0.5)
 SR_IPO = loss_config("sr_ipo", beta=0.1, sr_lambda=0.5)
