@@ -106,7 +106,7 @@ def check_config(cfg: DictConfig) -> LossSpec:
         check.fail("datasets", "choose at least one dataset, e.g. datasets=[hh]")
     spec, loss_problems = LossSpec.checked(cfg.loss)
     check.problems += loss_problems
-    if not loss_problems:
+    if not check.problems:  # the sizes it divides are valid
         check_contrast_size(check, spec)
     if check.problems:
         raise ConfigError("\n".join(check.problems))
@@ -139,9 +139,9 @@ def check_contrast_size(check: Checker, spec: LossSpec) -> None:
     batch, micro = check.value("train.batch_size"), check.value("train.micro_batch_size")
     steps = check.value("train.gradient_accumulation_steps")
     per_matrix = micro if isinstance(micro, int) else (batch // (steps * processes()) if isinstance(steps, int) else batch)
-    if isinstance(per_matrix, int) and per_matrix < 2:
+    if per_matrix == 1:
         key = "train.micro_batch_size" if isinstance(micro, int) else "train.batch_size"
-        check.fail(key, f"loss={spec.name} contrasts the pairs of a (micro-)batch: with {per_matrix} pair it is plain DPO, give at least 2")
+        check.fail(key, f"loss={spec.name} contrasts the pairs of a (micro-)batch: with 1 pair it is plain DPO, give at least 2")
 
 
 def check_unpaired_batches(cfg: DictConfig, items: Sequence[LabelledResponse]) -> None:

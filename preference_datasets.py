@@ -13,6 +13,7 @@ import hashlib
 import json
 import random
 import re
+import zlib
 from collections import Counter
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -147,9 +148,10 @@ def holdout_split(examples: list[ExampleT], options: Mapping) -> dict[str, list[
     Prompts are drawn in a seeded random order until their examples reach `holdout` (the last
     prompt may bring a few more); the held-out examples come in that drawn order.
     """
-    holdout = int(options["holdout"])
-    if not 0 < holdout < len(examples):
-        raise DataError(f"holdout: need 0 < holdout < {len(examples)} examples, got {holdout}")
+    holdout = options["holdout"]
+    key = getattr(options, "_get_full_key", lambda name: name)("holdout")
+    if isinstance(holdout, bool) or not isinstance(holdout, int) or not 0 < holdout < len(examples):
+        raise DataError(f"{key}={holdout!r}: hold out a whole number of examples between 0 and the {len(examples)} loaded (exclusive)")
     by_prompt: dict[str, list[ExampleT]] = {}
     for example in examples:
         by_prompt.setdefault(prompt_key(example), []).append(example)
@@ -161,7 +163,7 @@ def holdout_split(examples: list[ExampleT], options: Mapping) -> dict[str, list[
             break
         test += by_prompt.pop(key)
     if not by_prompt:
-        raise DataError(f"holdout={holdout}: the {len(examples)} examples have too few distinct prompts to leave any for training")
+        raise DataError(f"{key}={holdout}: the {len(examples)} examples have too few distinct prompts to leave any for training")
     return {"test": test, "train": [example for group in by_prompt.values() for example in group]}
 
 
@@ -216,18 +218,21 @@ def _as_response(value: object, where: str, key: str) -> str:
 
 
 def read_pairs_jsonl(path: Path) -> list[PreferencePair]:
-    """Records with `prompt`, `chosen`, `rejected`: strings or chat-message lists."""
-    pairs = []
+    """Records with `prompt`, `chosen`, `rejected`: strings or chat-message lists. Rows with an
+    empty response or two identical ones are skipped (as the hub loaders do), and counted."""
+    pairs, skipped = [], Counter()
     for where, record in read_records(path):
         _require(record, {"prompt", "chosen", "rejected"}, where)
-        pairs.append(
-            PreferencePair(
-                _as_prompt(record["prompt"], where),
-                _as_response(record["chosen"], where, "chosen"),
-                _as_response(record["rejected"], where, "rejected"),
-                "jsonl",
-            )
-        )
+        chosen, rejected = _as_response(record["chosen"], where, "chosen"), _as_response(record["rejected"], where, "rejected")
+        pair = _pair(_as_prompt(record["prompt"], where), chosen, rejected, "jsonl")
+        if isinstance(pair, str):
+            skipped[pair] += 1
+        else:
+            pairs.append(pair)
+    if skipped:
+        print(f"{path}: skipped {sum(skipped.values())} rows: " + ", ".join(f"{n} with {reason}" for reason, n in skipped.items()))
+    if not pairs:
+        raise DataError(f"{path}: no usable pairs (every row has an empty or a repeated response)")
     return pairs
 
 
@@ -349,15 +354,32 @@ def _json_array(path: Path, text: str) -> list[Record]:
 def read_records(path: Path) -> list[Record]:
     """The JSON objects of a file: JSON Lines (`.jsonl`, or `.json` as in OpenAI's TL;DR release) or
     one JSON array, told apart by the first character; gzip-compressed where the name ends in `.gz`."""
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as handle:
-        text = handle.read()
+    text = read_text(path)
     records = _json_array(path, text) if text.lstrip().startswith("[") else _json_lines(path, text)
+    if not records:
+        raise DataError(f"{path}: no records (the file is empty)")
     for where, row in records:
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     return records
+
+
+def read_text(path: Path) -> str:
+    """The UTF-8 text of a file (gunzipped where the name ends in `.gz`); a `DataError` naming the
+    file (and the line of a byte that is not UTF-8) when it cannot be read."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        data = path.read_bytes()
+        if path.suffix == ".gz":
+            data = gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as error:
+        raise DataError(f"{path}: cannot be read as {'gzip' if path.suffix == '.gz' else 'a file'} ({error})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise DataError(f"{path}, line {line}: byte {data[error.start]:#04x} is not UTF-8 text") from None
 
 
 def _hub_records(hub_name: str, split: str, config: str | None = None) -> list[Record]:

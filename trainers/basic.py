@@ -719,7 +719,7 @@ class BasicTrainer:
         where = f"{self.stage} step {self.step + 1} (examples {self.examples}-{self.examples + len(indices) - 1} of the stage)"
         if not self.cfg.train.skip_nonfinite:
             self.optimizer.zero_grad(set_to_none=True)
-            saved = f"the last checkpoint (at {self.checkpointed_at} examples) is intact" if self.checkpointed_at else "this stage has no checkpoint yet"
+            saved = f"the last checkpoint (at {self.checkpointed_at} examples) is intact" if self.checkpointed_at else "no checkpoint yet"
             raise NonFiniteLoss(
                 f"{where}: loss {loss}, gradient norm {grad_norm}; the step was not applied and {saved}. "
                 f"Training examples {sorted(indices)[:16]}{' ...' if len(indices) > 16 else ''}; "
