@@ -45,17 +45,17 @@ class Checker:
         if (optional and value is None) or (auto and value == "auto"):
             return None
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            alternatives = "".join([", or null" if optional else "", ", or auto" if auto else ""])
+            alternatives = "".join([" or null" if optional else "", " or auto" if auto else ""])
             self.fail(key, f"give a whole number of at least {low}{alternatives}")
             return None
         return value
 
-    def positive(self, key: str, *, auto: bool = False) -> float | None:
+    def positive(self, key: str, *, auto: bool = False, what: str = "a number greater than 0") -> float | None:
         value = self.value(key)
         if auto and value == "auto":
             return None
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-            self.fail(key, "give a number greater than 0" + (", or auto" if auto else ""))
+            self.fail(key, f"give {what}" + (" or auto" if auto else ""))
             return None
         return float(value)
 
@@ -121,7 +121,7 @@ def check_train(check: Checker) -> None:
     for key in ("eval_every", "save_every", "max_eval_examples"):
         check.whole(f"train.{key}", optional=True)
     check.positive("train.max_grad_norm")
-    check.positive("train.memory_budget", auto=True)
+    check.positive("train.memory_budget", auto=True, what="gigabytes (a positive number)")
     micro = check.whole("train.micro_batch_size", auto=True)
     steps = check.whole("train.gradient_accumulation_steps", optional=True)
     if micro and steps:

@@ -119,11 +119,9 @@ def load_hh(options: Mapping) -> dict[str, list[PreferencePair]]:
             print(f"hh: {root} has no train files; holding out {options['holdout']} test pairs, training on the rest")
             splits = holdout_split(splits["test"], options)
     else:
-        import datasets
-
         for split in SPLITS:
             for subset in subsets:
-                rows = datasets.load_dataset(options["hub_name"], data_dir=subset, split=split)
+                rows = load_hub_dataset(options["hub_name"], data_dir=subset, split=split)
                 pairs, dropped = hh_pairs(rows, f"{options['hub_name']}/{subset}/{split}")
                 splits[split] += pairs
                 skipped += dropped
@@ -382,10 +380,21 @@ def read_text(path: Path) -> str:
         raise DataError(f"{path}, line {line}: byte {data[error.start]:#04x} is not UTF-8 text") from None
 
 
-def _hub_records(hub_name: str, split: str, config: str | None = None) -> list[Record]:
+def load_hub_dataset(hub_name: str, *args: object, **kwargs: object):
+    """`datasets.load_dataset`, with a failure to reach or read the hub as a one-line `DataError`."""
     import datasets
 
-    rows = datasets.load_dataset(hub_name, config, split=split)
+    try:
+        return datasets.load_dataset(hub_name, *args, **kwargs)
+    except Exception as error:  # offline, unknown name, gated: the datasets library raises many kinds
+        raise DataError(
+            f"{hub_name}: cannot be loaded from the Hugging Face hub ({type(error).__name__}: {error}); "
+            "offline, give the dataset's local copy (datasets.<name>.path or train_path; README: Configuration)"
+        ) from None
+
+
+def _hub_records(hub_name: str, split: str, config: str | None = None) -> list[Record]:
+    rows = load_hub_dataset(hub_name, config, split=split)
     origin = "/".join(part for part in (hub_name, config, split) if part)
     return [(f"{origin}, row {number}", row) for number, row in enumerate(rows, start=1)]
 

@@ -99,7 +99,8 @@ CASES: dict[str, tuple[list[str], str | None, list[str], int]] = {
     "prompt longer than the sequence": (["max_prompt_length=600"], None, ["max_prompt_length=600", "max_length=160"], 1),
     "float16": (["model.dtype=float16"], None, ["model.dtype='float16'", "bfloat16"], 1),
     "trainer typo": (["trainer=deepspeed"], None, ["trainer='deepspeed'", "basic, fsdp"], 1),
-    "archive that is not a model": (["model.archive=/nonexistent/sft/final", "sft.enabled=false"], None, ["model.archive=", "config.json"], 1),
+    "archive that is not a model": (
+        ["model.archive=/nonexistent/sft/final", "sft.enabled=false"], None, ["model.archive=", "config.json"], 1),
     "three problems, three lines": (["loss.tau=0", "train.batch_size=0", "train.optimizer=adamw2"], None, ["="], 3),
     "kto batch that cannot split (was: after SFT)": (
         [*KTO, "train.batch_size=4", "train.gradient_accumulation_steps=4"], "one_sided", ["undesirable"], 1),
@@ -111,7 +112,8 @@ CASES: dict[str, tuple[list[str], str | None, list[str], int]] = {
     "resume with nothing to resume": (["resume=true"], None, ["resume=true", "no unfinished run"], 1),
     # data files
     "jsonl path missing": (["datasets=[jsonl]"], None, ["datasets.jsonl.train_path"], 1),
-    "jsonl file missing": (["datasets=[jsonl]", "datasets.jsonl.train_path=/nonexistent.jsonl"], None, ["/nonexistent.jsonl: no such file"], 1),
+    "jsonl file missing": (
+        ["datasets=[jsonl]", "datasets.jsonl.train_path=/nonexistent.jsonl"], None, ["/nonexistent.jsonl: no such file"], 1),
     "jsonl line not json": (JSONL, "not_json", ["not_json.jsonl, line 3"], 1),
     "jsonl row missing a key": (JSONL, "missing_key", ["missing_key.jsonl, line 4", "rejected"], 1),
     "jsonl empty file (was: 'need 0 < holdout < 0')": (JSONL, "empty", ["empty.jsonl: no records"], 1),
@@ -126,7 +128,9 @@ CASES: dict[str, tuple[list[str], str | None, list[str], int]] = {
     "pairs loss on unpaired data": (["loss=dpo", "datasets=[kto_jsonl]", "datasets.kto_jsonl.train_path={path}"], "one_sided",
                                     ["rpo_unpaired"], 1),
     "holdout larger than the data": ([*JSONL, "datasets.jsonl.holdout=50"], "valid", ["datasets.jsonl.holdout=50"], 1),
-    "hh path that is not a folder": (["datasets=[hh]", "datasets.hh.path={path}"], "hh_not_a_folder", ["datasets.hh.path", "not a folder"], 1),
+    "hub dataset unreachable (offline)": (["datasets=[tldr]"], None, ["openai/summarize_from_feedback", "local copy"], 1),
+    "hh path that is not a folder": (
+        ["datasets=[hh]", "datasets.hh.path={path}"], "hh_not_a_folder", ["datasets.hh.path", "not a folder"], 1),
 }
 
 # Hydra's own refusals of the command line itself (an unknown key or option): exit 1, Hydra's message
@@ -151,7 +155,7 @@ def outcomes(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, P
         case_folder = folder / f"case{number}"
         jobs[name] = ([argument.replace("{path}", str(files[file])) if file else argument for argument in arguments], case_folder)
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-        results = dict(zip(jobs, pool.map(lambda job: launch(*job), jobs.values())))
+        results = dict(zip(jobs, pool.map(lambda job: launch(*job), jobs.values()), strict=True))
     return {name: (results[name], jobs[name][1]) for name in jobs}
 
 

@@ -9,10 +9,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import loss_config
 from trl import KTOTrainer
 from trl.experimental.cpo import CPOTrainer
 
+from tests.conftest import loss_config
 from trainers.losses import kto_loss, preference_loss
 
 PRESET_CONFIGS = {

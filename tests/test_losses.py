@@ -8,9 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import loss_config
 from trl import DPOTrainer
 
+from tests.conftest import loss_config
 from trainers.losses import preference_loss, sft_loss
 
 

@@ -192,7 +192,7 @@ def test_cli_a_step_that_cannot_fit_fails_at_start_up_with_the_estimate(tmp_path
     command = [sys.executable, str(ROOT / "train.py"), "model=tiny", "loss=dpo", "train.batch_size=4", "sft.max_examples=4",
                "train.memory_budget=0.2", f"runs_root={tmp_path}", f"cache_dir={shared_cache}", f"hydra.run.dir={tmp_path / 'run'}"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
-    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.returncode == 2, result.stderr[-2000:]
     assert "does not fit in train.memory_budget=0.2 (0.2 GB on cpu)" in result.stderr
     assert "Lower max_length, use model.dtype=bfloat16" in result.stderr
     assert not (tmp_path / "run" / "sft" / "checkpoint").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()

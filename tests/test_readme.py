@@ -22,7 +22,7 @@ from tests.conftest import ROOT
 FEW_EXAMPLES = 4  # per dataset and split: the suite's time budget; the batch size, and so the fit, stay the command's
 # README commands that cannot end normally here, and the message each must end with instead
 DOCUMENTED_FAILURES = {
-    "model=mistral7b": "Cannot load model 'mistralai/Mistral-7B-v0.1'. Tried:",  # the hub is unreachable
+    "model=mistral7b": "Anthropic/hh-rlhf: cannot be loaded from the Hugging Face hub",  # the hub is unreachable: data load first
     "resume=true": "resume=true: no unfinished run with this config",  # every earlier run finished
 }
 SFT_PLACEHOLDER = "outputs/.../sft/final"  # the README's "an SFT model you trained": the `loss=sft` run's
@@ -106,7 +106,7 @@ def test_readme_command_runs_as_written(command, runs):
     assert result.returncode not in (-9, 137), f"killed (out of memory?): {command}\n{result.stderr[-3000:]}"
     expected = next((message for fragment, message in DOCUMENTED_FAILURES.items() if fragment in command), None)
     if expected:
-        assert result.returncode == 1 and expected in result.stderr, result.stderr[-3000:]
+        assert result.returncode == 2 and expected in result.stderr, result.stderr[-3000:]  # a refused start: exit 2
         return
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("Final model: ") == sweep_jobs(shlex.split(command)), result.stdout[-3000:]

@@ -78,8 +78,9 @@ def test_accumulation_keeps_both_sides_in_every_micro_batch(make_cfg, tmp_path):
     cfg = make_cfg("loss=rpo_unpaired", "train.gradient_accumulation_steps=2", "sft.enabled=false")
     summary = train.run(cfg, tmp_path / "ok")
     assert summary["stages"]["align"]["steps"] == 24 // 4
-    with pytest.raises(train.ConfigError, match="2 desirable and 2 undesirable ones; each of its 3 micro-batches needs both"):
-        train.run(make_cfg("loss=rpo_unpaired", "train.gradient_accumulation_steps=3", "sft.enabled=false"), tmp_path / "x")
+    with pytest.raises(train.ConfigError, match="holds 3 desirable and 3 undesirable ones, too few for 6 micro-batches"):
+        train.run(make_cfg("loss=rpo_unpaired", "train.batch_size=6", "train.gradient_accumulation_steps=6", "sft.enabled=false"),
+                  tmp_path / "x")
 
 
 def test_items_and_mismatched_pairs(smollm2_tokenizer):
@@ -105,7 +106,7 @@ def test_paired_losses_refuse_single_responses(make_cfg):
         train.prepare_examples(make_cfg("loss=rpo"), single)
     with pytest.raises(train.ConfigError, match="loss.weighting=diagonal contrasts the two responses of one prompt"):
         train.prepare_examples(make_cfg("loss=dpo", "loss.paired=false"), single)
-    with pytest.raises(train.ConfigError, match="loss=kto .* needs loss.paired=false"):
+    with pytest.raises(train.ConfigError, match="loss.paired=true: KTO judges responses one at a time, it needs loss.paired=false"):
         train.prepare_examples(make_cfg("loss=kto", "loss.paired=true"), single)
 
 
@@ -150,5 +151,5 @@ def test_unpaired_held_out_slice_keeps_both_sides(make_cfg, tmp_path):
     final = summary["stages"]["align"]["final_eval"]
     assert all(torch.isfinite(torch.tensor(v)) for v in final.values())
     one_sided = write_kto_jsonl(tmp_path / "one_sided.jsonl", [True] * 6)
-    with pytest.raises(train.ConfigError, match=r"held-out split \(6 responses\) has no undesirable response"):
+    with pytest.raises(train.DataError, match=r"test split: 6 desirable and 0 undesirable responses; unpaired training needs both"):
         train.run(make_cfg("loss=kto", "datasets=[kto_jsonl]", data[0], f"datasets.kto_jsonl.test_path={one_sided}"), tmp_path / "bad")

@@ -8,11 +8,10 @@ import sys
 
 import pytest
 import torch
-from conftest import loss_config
 
 import train
 from preference_datasets import PairTokenizer, PreferencePair, augment, collate
-from tests.conftest import ROOT, build
+from tests.conftest import ROOT, build, loss_config
 from tests.test_contrast_losses import batch, reward_by_hand, weight_by_hand
 from tests.test_loop_values import full_logps, perturbed
 from trainers.losses import preference_loss
