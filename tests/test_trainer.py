@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
-import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -326,33 +324,3 @@ def test_reference_cache_is_keyed_by_compute_precision(make_cfg, tmp_path, share
     assert not torch.equal(bf16["train"], trainer.reference_logps["train"])
     torch.testing.assert_close(bf16["train"], trainer.reference_logps["train"], rtol=0.05, atol=0.5)
 
-
-def test_cli_resume_true_continues_a_killed_run(tmp_path, shared_cache):
-    """Through the real CLI, where Hydra gives the resuming launch its own folder: `resume=true`
-    continues the killed run in its folder (not the launch's), and ends where an uninterrupted run ends."""
-    arguments = [sys.executable, "train.py", "model=tiny", "loss=dpo", DROPOUT, "train.batch_size=4", "sft.max_examples=8",
-                 "align.max_examples=200", "train.save_every=40", "train.eval_every=100000", "train.max_eval_examples=4",
-                 f"cache_dir={shared_cache}"]
-    straight = subprocess.run([*arguments, f"runs_root={tmp_path / 'straight'}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert straight.returncode == 0, straight.stderr[-2000:]
-    runs = tmp_path / "runs"
-    killed = subprocess.Popen([*arguments, f"runs_root={runs}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not list(runs.glob("*/*/align/checkpoint/trainer_state.pt")) and killed.poll() is None:
-        time.sleep(0.05)
-    killed.kill()
-    killed.wait()
-    (run_dir,) = [path.parent for path in runs.glob("*/*/config.yaml")]
-    assert not (run_dir / "summary.json").exists(), "the run finished before it could be killed"
-    # a later start of the same config that failed before saving anything: nothing to continue there
-    failed_start = run_dir.with_name("9999-12-31_23-59-59")
-    failed_start.mkdir()
-    shutil.copy(run_dir / "config.yaml", failed_start / "config.yaml")
-    resumed = subprocess.run([*arguments, f"runs_root={runs}", "resume=true"], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"Resuming the run in {run_dir}" in resumed.stdout and "Resuming align from" in resumed.stdout
-    assert sorted(runs.glob("*/*")) == [run_dir, failed_start]  # the resuming launch left no folder of its own
-    (straight_dir,) = [path.parent for path in (tmp_path / "straight").glob("*/*/config.yaml")]
-    expected = load_file(straight_dir / "align" / "final" / "model.safetensors")
-    final = load_file(run_dir / "align" / "final" / "model.safetensors")
-    assert all(torch.equal(expected[key], final[key]) for key in expected)
-    assert without_timing(run_dir / "metrics.jsonl") == without_timing(straight_dir / "metrics.jsonl")

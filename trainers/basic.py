@@ -52,6 +52,7 @@ from utils import (
     positive_int,
     response_logps,
     rng_state,
+    seed_everything,
     set_rng_state,
     state_fingerprint,
     text_fingerprint,
@@ -74,6 +75,7 @@ class NonFiniteLoss(ArithmeticError):
 OPTIMIZERS = {"rmsprop": torch.optim.RMSprop, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 TIMING_KEYS = ("tokens_per_s", "seconds")
 PROBE_SPREAD = 4  # the probes run micro-batches of 1 and 4 examples (unpaired: 2 and 8), or 3, or 2
+STAGE_SEEDS = {"sft": 0, "align": 1}  # added to `seed` when a stage starts
 SHRINK_STEPS = 10  # a fitted micro-batch that runs out of memory within a stage's first steps is halved
 
 
@@ -792,6 +794,8 @@ class BasicTrainer:
         over drops whatever an interrupted attempt logged after it.
         """
         initial_eval = self.load_checkpoint() if on_main_process(self.usable_checkpoint) else None
+        if initial_eval is None:  # every stage starts from its own seed: a run resumed between stages draws as one that was not
+            seed_everything(self.cfg.seed + STAGE_SEEDS[self.stage])
         self.micro_batches()
         if initial_eval is None:
             self.metrics.truncate(start_offset)

@@ -1,0 +1,87 @@
+"""A real training run interrupted at several moments, through the CLI, and continued each time
+with `resume=true`: SIGKILL during SFT, SIGKILL in the middle of writing a checkpoint, SIGTERM
+(a scheduler's pre-emption: checkpoint, exit 75), and a corrupted checkpoint (refused, the previous
+one used). The final weights and metrics equal an uninterrupted run's, bit for bit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT
+from tests.test_trainer import DROPOUT, without_timing
+
+ARGUMENTS = ["model=tiny", "loss=dpo", DROPOUT, "train.batch_size=4", "sft.max_examples=16", "align.max_examples=160",
+             "train.save_every=16", "train.eval_every=100000", "train.max_eval_examples=4"]
+
+
+def command(runs: Path, cache: Path, *extra: str) -> list[str]:
+    return [sys.executable, "train.py", *ARGUMENTS, f"runs_root={runs}", f"cache_dir={cache}", *extra]
+
+
+def interrupt(arguments: list[str], ready, how: signal.Signals, poll: float = 0.002) -> subprocess.CompletedProcess:
+    """Start a run, send `how` once `ready()` holds (checked every `poll` seconds), wait for it."""
+    process = subprocess.Popen(arguments, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not ready() and process.poll() is None:
+        time.sleep(poll)
+    assert process.poll() is None, "the run ended before the moment to interrupt it"
+    process.send_signal(how)
+    stdout, stderr = process.communicate(timeout=600)
+    return subprocess.CompletedProcess(arguments, process.returncode, stdout, stderr)
+
+
+def newer_than(path_glob, root: Path, started: float):
+    return lambda: any(path.stat().st_mtime > started for path in root.glob(path_glob) if path.exists())
+
+
+def test_interrupted_at_several_moments_then_resumed_ends_as_an_uninterrupted_run(tmp_path, shared_cache):
+    straight = subprocess.run(command(tmp_path / "straight", shared_cache), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    runs = tmp_path / "runs"
+
+    killed = interrupt(command(runs, shared_cache), lambda: any(runs.glob("*/*/sft/checkpoint/trainer_state.pt")), signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    (run_dir,) = [path.parent for path in runs.glob("*/*/config.yaml")]
+    assert json.loads((run_dir / "state.json").read_text())["state"] == "running"  # killed: never recorded an end
+
+    resume = command(runs, shared_cache, "resume=true")
+    during_write = interrupt(resume, lambda: (run_dir / "align" / "checkpoint.tmp").exists(), signal.SIGKILL, poll=0.0005)
+    assert during_write.returncode == -signal.SIGKILL and "Resuming sft from" in during_write.stdout
+
+    started = time.time()
+    stopped = interrupt(resume, newer_than("align/checkpoint/trainer_state.pt", run_dir, started), signal.SIGTERM)
+    assert stopped.returncode == 75, stopped.stderr[-2000:]
+    assert "SIGTERM received: align stopped after step" in stopped.stderr and "continue with resume=true" in stopped.stderr
+    assert json.loads((run_dir / "state.json").read_text())["state"] == "stopped"
+    assert (run_dir / "align" / "checkpoint.previous").exists()
+
+    weights = run_dir / "align" / "checkpoint" / "model.safetensors"
+    damaged = bytearray(weights.read_bytes())
+    damaged[len(damaged) // 2 : len(damaged) // 2 + 64] = bytes(64)
+    weights.write_bytes(bytes(damaged))
+    # a later start of the same config that failed before saving anything: nothing to continue there
+    failed_start = run_dir.with_name("9999-12-31_23-59-59")
+    failed_start.mkdir()
+    shutil.copy(run_dir / "config.yaml", failed_start / "config.yaml")
+    finished = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert f"Resuming the run in {run_dir}" in finished.stdout
+    assert "checkpoint refused" in finished.stdout and "model.safetensors does not match its checksum" in finished.stdout
+    assert "resuming from the previous checkpoint" in finished.stdout
+    assert len(list((run_dir / "align").glob("checkpoint.corrupt-*"))) == 1  # kept aside, not deleted
+    assert sorted(runs.glob("*/*")) == [run_dir, failed_start]  # the resuming launches left no folders of their own
+    assert json.loads((run_dir / "state.json").read_text())["state"] == "finished"
+
+    (straight_dir,) = [path.parent for path in (tmp_path / "straight").glob("*/*/config.yaml")]
+    for stage in ("sft", "align"):
+        expected = load_file(straight_dir / stage / "final" / "model.safetensors")
+        final = load_file(run_dir / stage / "final" / "model.safetensors")
+        assert all(expected[key].equal(final[key]) for key in expected), stage
+    assert without_timing(run_dir / "metrics.jsonl") == without_timing(straight_dir / "metrics.jsonl")
