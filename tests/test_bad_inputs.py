@@ -184,3 +184,53 @@ def test_a_command_line_hydra_cannot_compose_is_its_error(name, outcomes):
     result, folder = outcomes[name]
     assert result.returncode == 1 and HYDRA_CASES[name][1] in result.stderr, result.stderr[-3000:]
     assert not (folder / "runs").exists() and not (folder / "cache").exists()
+
+
+def tree_digest(folder: Path) -> dict[str, bytes]:
+    """Every file of a run folder but Hydra's records of the latest launch into it (`.hydra/`, `train.log`)."""
+    files = [path for path in sorted(folder.rglob("*")) if path.is_file() and ".hydra" not in path.parts and path.name != "train.log"]
+    return {str(path.relative_to(folder)): path.read_bytes() for path in files}
+
+
+ALIGN_ONLY = ["loss=dpo", "sft.enabled=false", "align.max_examples=8", "train.batch_size=4", "train.max_eval_examples=4"]
+
+
+def test_what_a_run_wrote_is_never_trusted_blindly_nor_lost(tmp_path):
+    """A reused run folder with another config, a corrupted reference cache, a corrupted finished
+    model: refused or rebuilt with the file named, and nothing written before is changed."""
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    first = launch([*ALIGN_ONLY, f"hydra.run.dir={run_dir}"], tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = tree_digest(run_dir)
+
+    other = launch([*ALIGN_ONLY, "loss=ipo", f"hydra.run.dir={run_dir}"], tmp_path)
+    assert other.returncode == 2 and other.stderr.count("error: ") == 1, other.stderr[-3000:]
+    assert f"{run_dir} holds a run of another config" in other.stderr and "loss.name: 'dpo' -> 'ipo'" in other.stderr
+    assert tree_digest(run_dir) == before, "the refused launch changed the earlier run's files"
+
+    (table,) = (cache / "reference_logps").glob("*.pt")
+    damaged = bytearray(table.read_bytes())
+    damaged[-200:-100] = bytes(100)
+    table.write_bytes(bytes(damaged))
+    rebuilt = launch([*ALIGN_ONLY, f"hydra.run.dir={tmp_path / 'again'}"], tmp_path)
+    assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
+    assert f"cache {table}: its content does not match its checksum (the file is corrupt): computing it again" in rebuilt.stdout
+    final = [json.loads((folder / "summary.json").read_text())["stages"]["align"]["final_eval"] for folder in (run_dir, tmp_path / "again")]
+    assert final[0] == final[1]  # trained on the recomputed reference, exactly as on the first one
+
+    weights = run_dir / "align" / "final" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64] + bytes(64))
+    corrupt = launch([*ALIGN_ONLY, f"resume={run_dir}"], tmp_path)
+    assert corrupt.returncode == 2 and corrupt.stderr.count("error: ") == 1, corrupt.stderr[-3000:]
+    assert f"{weights} does not match its checksum" in corrupt.stderr and f"Delete {weights.parent}" in corrupt.stderr
+
+
+def test_a_non_finite_step_stops_the_run_naming_it(tmp_path):
+    """An exploding learning rate: the step whose gradient is NaN is not applied, the run stops with
+    one line naming the stage, step and examples (exit 1), and the run's state says failed."""
+    result = launch([*ALIGN_ONLY, "align.lr=1e30", "align.max_examples=16", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert "align step 2 (examples 4-7 of the stage)" in line and "the step was not applied" in line and "train.skip_nonfinite" in line
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["state"] == "failed" and "NonFiniteLoss" in state["message"]

@@ -801,26 +801,27 @@ class BasicTrainer:
             self.metrics.truncate(start_offset)
             initial_eval = self.evaluate()
             self.log("eval", initial_eval)
-        bar = tqdm(total=self.total_examples, initial=self.examples, desc=self.stage, unit="ex", disable=not is_main_process())
-        while self.examples < self.total_examples:
-            self.stop_if_signalled(initial_eval)
-            started = time.perf_counter()
-            indices = self.sampler.take(min(self.cfg.train.batch_size, self.total_examples - self.examples))
-            before = self.examples
-            record = self.fitted_train_step(indices)
-            self.step += 1
-            self.examples += len(indices)
-            seconds = time.perf_counter() - started
-            record.update(seconds=seconds, tokens_per_s=record.pop("tokens") / seconds)
-            bar.update(len(indices))
-            bar.set_postfix(loss=f"{record['loss']:.4f}")
-            if self.step % self.cfg.train.log_every == 0:
-                self.log("train", record)
-            if self.crossed(self.cfg.train.eval_every, before) and self.examples < self.total_examples:
-                self.log("eval", self.evaluate())
-            if self.crossed(self.cfg.train.save_every, before) and self.examples < self.total_examples:
-                self.save_checkpoint(initial_eval)
-        bar.close()
+        quiet = not is_main_process()
+        # a context: an error closes the bar too, so the error's line starts on a line of its own
+        with tqdm(total=self.total_examples, initial=self.examples, desc=self.stage, unit="ex", disable=quiet) as bar:
+            while self.examples < self.total_examples:
+                self.stop_if_signalled(initial_eval)
+                started = time.perf_counter()
+                indices = self.sampler.take(min(self.cfg.train.batch_size, self.total_examples - self.examples))
+                before = self.examples
+                record = self.fitted_train_step(indices)
+                self.step += 1
+                self.examples += len(indices)
+                seconds = time.perf_counter() - started
+                record.update(seconds=seconds, tokens_per_s=record.pop("tokens") / seconds)
+                bar.update(len(indices))
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+                if self.step % self.cfg.train.log_every == 0:
+                    self.log("train", record)
+                if self.crossed(self.cfg.train.eval_every, before) and self.examples < self.total_examples:
+                    self.log("eval", self.evaluate())
+                if self.crossed(self.cfg.train.save_every, before) and self.examples < self.total_examples:
+                    self.save_checkpoint(initial_eval)
         if self.checkpointed_at != self.examples:  # an error in the final evaluation or export loses no training
             self.save_checkpoint(initial_eval)
         final_eval = self.evaluate()
