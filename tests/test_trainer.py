@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import subprocess
 import sys
 
@@ -17,8 +18,8 @@ import train
 from preference_datasets import collate
 from tests.conftest import ROOT, build
 from tests.test_loop_values import perturbed
-from trainers.basic import TIMING_KEYS, BasicTrainer
-from utils import response_logps
+from trainers.basic import TIMING_KEYS, BasicTrainer, NonFiniteLoss
+from utils import checksum_path, load_or_compute, response_logps
 
 
 def test_response_logps_equal_full_vocabulary_log_softmax(make_cfg, tmp_path):
@@ -324,3 +325,46 @@ def test_reference_cache_is_keyed_by_compute_precision(make_cfg, tmp_path, share
     assert not torch.equal(bf16["train"], trainer.reference_logps["train"])
     torch.testing.assert_close(bf16["train"], trainer.reference_logps["train"], rtol=0.05, atol=0.5)
 
+
+
+def test_skip_nonfinite_skips_and_counts_the_step_and_applies_the_others(make_cfg, tmp_path, monkeypatch):
+    """train.skip_nonfinite=true: a batch whose loss is NaN changes no weight and is counted; the run goes on."""
+    original = BasicTrainer.batch_loss
+    calls = []
+
+    def nan_on_the_second_batch(self, batch, split):
+        loss, stats = original(self, batch, split)
+        calls.append(split)
+        return (loss * float("nan"), stats) if calls.count("train") == 2 and split == "train" else (loss, stats)
+
+    monkeypatch.setattr(BasicTrainer, "batch_loss", nan_on_the_second_batch)
+    cfg = make_cfg("loss=dpo", "sft.enabled=false", "train.skip_nonfinite=true", "train.micro_batch_size=4", "train.save_every=null")
+    trainer = build(cfg, tmp_path)
+    trainer.micro_batches()
+    trainer.train_step(trainer.sampler.take(4))
+    before = {name: value.clone() for name, value in trainer.policy.state_dict().items()}
+    record = trainer.train_step(trainer.sampler.take(4))
+    assert record["skipped_nonfinite"] == 1 and not math.isfinite(record["grad_norm"])
+    assert all(torch.equal(before[name], value) for name, value in trainer.policy.state_dict().items())
+    assert trainer.train_step(trainer.sampler.take(4))["skipped_nonfinite"] == 1
+    assert any(not torch.equal(before[name], value) for name, value in trainer.policy.state_dict().items())
+    trainer.cfg.train.skip_nonfinite = False
+    calls.clear()
+    trainer.train_step(trainer.sampler.take(4))
+    with pytest.raises(NonFiniteLoss, match=r"align step 1 \(examples 0-3 of the stage\): loss nan"):
+        trainer.train_step(trainer.sampler.take(4))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zeroed", "no checksum"])
+def test_a_damaged_cache_file_is_computed_again_and_named(tmp_path, capsys, damage):
+    path = tmp_path / "cache" / "table.pt"
+    assert load_or_compute(path, lambda: {"x": torch.arange(1000.0)})["x"].sum() == 499500
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:100])
+    elif damage == "zeroed":
+        path.write_bytes(path.read_bytes()[:-300] + bytes(300))
+    else:
+        checksum_path(path).unlink()
+    recomputed = load_or_compute(path, lambda: {"x": torch.ones(3)})
+    assert recomputed["x"].tolist() == [1.0, 1.0, 1.0] and f"cache {path}:" in capsys.readouterr().out
+    assert load_or_compute(path, lambda: pytest.fail("a sound cache is computed again"))["x"].tolist() == [1.0, 1.0, 1.0]
