@@ -214,7 +214,7 @@ def test_sft_only_and_alignment_from_an_archive(make_cfg, tmp_path):
     assert list(summary["stages"]) == ["align"]
     with pytest.raises(train.ConfigError, match="trainer='nope': choose one of basic, fsdp"):
         train.run(make_cfg("trainer=nope"), tmp_path / "bad")
-    with pytest.raises(train.ConfigError, match="model.archive=/nowhere: not a Hugging Face model folder"):
+    with pytest.raises(train.ConfigError, match=r"model.archive='/nowhere': not a Hugging Face model folder \(no config.json in it\)"):
         train.run(make_cfg("model.archive=/nowhere", "sft.enabled=false"), tmp_path / "bad")
 
 
