@@ -130,33 +130,31 @@ def find_resumable(cfg: DictConfig) -> Path:
 
 
 def resolve_run_dir(cfg: DictConfig, output_dir: Path) -> Path:
-    """`output_dir`, or the run `resume` names (checked to have the same config)."""
+    """`output_dir`, or the run `resume` names; either is checked to hold no run of another config
+    (a reused `hydra.run.dir` continues its run only if the config is the same)."""
     if cfg.resume in (None, False):
-        return output_dir
-    run_dir = find_resumable(cfg) if cfg.resume is True else Path(str(cfg.resume))
-    saved = run_dir / "config.yaml"
-    if not saved.exists():
-        raise ConfigError(f"resume={cfg.resume}: {saved} does not exist, so this is not a run directory")
-    differences = config_differences(saved, cfg)
+        run_dir, refused = output_dir, f"{output_dir} holds a run of another config (saved -> this launch): "
+        if not (run_dir / "config.yaml").exists():
+            return run_dir
+    else:
+        run_dir = find_resumable(cfg) if cfg.resume is True else Path(str(cfg.resume))
+        refused = f"resume={run_dir}: resume needs the saved config, this one differs in "
+        if not (run_dir / "config.yaml").exists():
+            raise ConfigError(f"resume={cfg.resume}: {run_dir / 'config.yaml'} does not exist, so this is not a run directory")
+    differences = config_differences(run_dir / "config.yaml", cfg)
     if differences:
-        raise ConfigError(f"resume={run_dir}: resume needs the saved config, this one differs in " + "; ".join(differences))
-    print(f"Resuming the run in {run_dir}")
+        raise ConfigError(refused + "; ".join(differences) + (". Choose another hydra.run.dir" if run_dir == output_dir else ""))
+    if run_dir != output_dir:
+        print(f"Resuming the run in {run_dir}")
     return run_dir
 
 
 def prepare_run_dir(cfg: DictConfig, output_dir: Path) -> Path:
-    """The run folder, with the config saved and the state `running`. A folder that already holds
-    a run (`hydra.run.dir` reused) continues it only if its config is this one."""
+    """The run folder (`resolve_run_dir`), with the config saved and the state `running`."""
     run_dir = resolve_run_dir(cfg, output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    saved = run_dir / "config.yaml"
-    if saved.exists():
-        differences = config_differences(saved, cfg)
-        if differences:
-            raise ConfigError(f"{run_dir} holds a run of another config (saved -> this launch): " + "; ".join(differences)
-                              + ". Choose another hydra.run.dir")
-    else:
-        OmegaConf.save(cfg, saved, resolve=True)
+    if not (run_dir / "config.yaml").exists():
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     write_state(run_dir, "running", cfg)
     return run_dir
 
@@ -370,16 +368,15 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     data = tokenize_examples(cfg, tokenizer, examples)
     embeddings = contrast_embeddings(cfg, examples)
     try:
-        return train_stages(cfg, run_dir, data, tokenizer, embeddings)
+        return train_stages(cfg, trainer_type, run_dir, data, tokenizer, embeddings)
     except BaseException as error:
         if is_main_process():
             write_state(run_dir, "stopped" if isinstance(error, Stopped) else "failed", cfg, f"{type(error).__name__}: {error}")
         raise
 
 
-def train_stages(cfg: DictConfig, run_dir: Path, data: dict[str, list], tokenizer, embeddings) -> dict:
+def train_stages(cfg: DictConfig, trainer_type: type, run_dir: Path, data: dict[str, list], tokenizer, embeddings) -> dict:
     """Every stage in turn, skipping the finished ones; the summary."""
-    trainer_type = trainer_class(cfg.trainer)
     metrics = MetricsLog(run_dir / "metrics.jsonl", start_wandb(cfg, run_dir) if is_main_process() else None)
     results, offset, final_model = {}, 0, None
     for stage in stages(cfg):
