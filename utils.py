@@ -339,9 +339,10 @@ class StopSignals:
         """The signal received by this process or, under torchrun, by any process (all agree)."""
         if not distributed():
             return cls.received
-        names = [None] * dist.get_world_size()
-        dist.all_gather_object(names, cls.received)
-        return next((name for name in names if name), None)
+        # one small reduction per step (a CPU tensor: gloo carries it under either backend layout)
+        code = torch.tensor([cls.SIGNALS.index(cls.received) + 1 if cls.received else 0])
+        dist.all_reduce(code, op=dist.ReduceOp.MAX)
+        return cls.SIGNALS[int(code) - 1] if int(code) else None
 
 
 def barrier() -> None:
