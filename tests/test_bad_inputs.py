@@ -70,7 +70,7 @@ CASES: dict[str, tuple[list[str], str | None, list[str], int]] = {
     "label smoothing with the ipo link": (["loss=ipo", "loss.label_smoothing=0.1"], None, ["loss.label_smoothing=0.1", "link=ipo"], 1),
     "link typo": (["loss.link=sigmod"], None, ["loss.link='sigmod'", "sigmoid, ipo"], 1),
     "reward typo": (["loss.reward=logratio"], None, ["loss.reward='logratio'"], 1),
-    "weighting needing alpha": (["loss.weighting=diagonal_emphasis"], None, ["loss.alpha=None"], 1),
+    "weighting needing alpha": (["loss.weighting=diagonal_emphasis"], None, ["loss.alpha: missing, give a number in [0, 1]"], 1),
     "kto on pairs": (["loss=kto", "loss.paired=true"], None, ["loss.paired=true", "KTO"], 1),
     "dpo unpaired": (["loss=dpo", "loss.paired=false"], None, ["loss.weighting=diagonal", "loss.paired=true"], 1),
     "sr delta typo": (["loss=sr_dpo", "loss.sr_delta=refind"], None, ["loss.sr_delta='refind'"], 1),

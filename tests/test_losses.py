@@ -84,7 +84,7 @@ def test_bad_inputs_get_clear_errors():
     x = random_logps(3, seed=0)
     with pytest.raises(ValueError, match="chosen_lengths"):
         preference_loss(**{**x, "chosen_lengths": None}, cfg=loss_config("ipo", beta=0.1))
-    with pytest.raises(ValueError, match="loss.kind=None: choose one of sft, contrast, kto"):
+    with pytest.raises(ValueError, match="loss.kind: missing, choose one of sft, contrast, kto"):
         preference_loss(**x, cfg={"name": "nope", "beta": 0.1})
     with pytest.raises(ValueError, match="loss.beta=None: give a number"):
         preference_loss(**x, cfg=loss_config("dpo", beta=None))

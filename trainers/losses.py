@@ -22,14 +22,13 @@ loss, is `kto_loss`. `LossSpec` checks a loss config once and answers what the l
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 
-from utils import ConfigError
+from utils import Checker, ConfigError
 
 KINDS = ("sft", "contrast", "kto")
 WEIGHTINGS = ("diagonal", "uniform", "diagonal_emphasis", "embedding")
@@ -38,32 +37,6 @@ REWARDS = ("log_ratio", "mean_log_ratio", "length_normalized")
 SR_DELTAS = ("refined", "naive")
 COMPATS = ("paper", "official")
 EMBEDDING_INPUTS = ("prompt", "prompt_response")
-
-
-def _number(cfg: Mapping, key: str, problems: list[str], low: float, high: float = math.inf, *, open_low: bool = False) -> float:
-    """`cfg[key]` as a float in [low, high] (or (low, high] with `open_low`); a problem line otherwise."""
-    value = cfg.get(key)
-    bounds = f"{'(' if open_low else '['}{low:g}, {high:g}]"
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        problems.append(f"loss.{key}={value!r}: give a number in {bounds}")
-        return math.nan
-    if value < low or value > high or (open_low and value == low):
-        problems.append(f"loss.{key}={value!r}: out of range, give a number in {bounds}")
-    return float(value)
-
-
-def _choice(cfg: Mapping, key: str, allowed: tuple[str, ...], problems: list[str]) -> str:
-    value = cfg.get(key)
-    if value not in allowed:
-        problems.append(f"loss.{key}={value!r}: choose one of {', '.join(allowed)}")
-    return str(value)
-
-
-def _flag(cfg: Mapping, key: str, problems: list[str]) -> bool:
-    value = cfg.get(key)
-    if not isinstance(value, bool):
-        problems.append(f"loss.{key}={value!r}: give true or false")
-    return bool(value)
 
 
 @dataclass(frozen=True)
@@ -109,53 +82,51 @@ class LossSpec:
     @classmethod
     def checked(cls, cfg: Mapping) -> tuple[LossSpec, list[str]]:
         """The spec and one line per problem of the config (types, choices, ranges, combinations)."""
-        problems: list[str] = []
-        name, kind = str(cfg.get("name")), _choice(cfg, "kind", KINDS, problems)
-        if kind == "sft" or problems:
-            return cls(name, kind), problems
-        values: dict[str, object] = {"beta": _number(cfg, "beta", problems, 0.0, open_low=True)}
+        check = Checker(cfg, prefix="loss.")
+        name, kind = str(cfg.get("name")), check.choice("kind", KINDS)
+        if kind in ("sft", None):
+            return cls(name, str(kind)), check.problems
+        values: dict[str, object] = {"beta": check.number("beta", 0.0, open_low=True)}
         if "global_batch" in cfg:
-            values["global_batch"] = _flag(cfg, "global_batch", problems)
+            values["global_batch"] = check.flag("global_batch")
         if kind == "kto":
-            values["desirable_weight"] = _number(cfg, "desirable_weight", problems, 0.0, open_low=True)
-            values["undesirable_weight"] = _number(cfg, "undesirable_weight", problems, 0.0, open_low=True)
-            if _flag(cfg, "paired", problems):
-                problems.append("loss.paired=true: KTO judges responses one at a time, it needs loss.paired=false")
-            return cls(name, kind, paired=False, **values), problems
+            values["desirable_weight"] = check.number("desirable_weight", 0.0, open_low=True)
+            values["undesirable_weight"] = check.number("undesirable_weight", 0.0, open_low=True)
+            if check.flag("paired"):
+                check.problems.append("loss.paired=true: KTO judges responses one at a time, it needs loss.paired=false")
+            return cls(name, kind, paired=False, **values), check.problems
         values.update(
-            weighting=_choice(cfg, "weighting", WEIGHTINGS, problems),
-            link=_choice(cfg, "link", LINKS, problems),
-            reward=_choice(cfg, "reward", REWARDS, problems),
-            paired=_flag(cfg, "paired", problems),
-            compat=_choice({"compat": "paper", **cfg}, "compat", COMPATS, problems),
+            weighting=check.choice("weighting", WEIGHTINGS),
+            link=check.choice("link", LINKS),
+            reward=check.choice("reward", REWARDS),
+            paired=check.flag("paired"),
+            compat=check.choice("compat", COMPATS, default="paper"),
         )
         optional = {"gamma_beta_ratio": (0.0,), "label_smoothing": (0.0, 0.5), "sr_lambda": (0.0,)}
         for key, bounds in optional.items():
             if cfg.get(key) is not None:
-                values[key] = _number(cfg, key, problems, *bounds)
+                values[key] = check.number(key, *bounds)
         if values["weighting"] == "embedding":
-            values["tau"] = _number(cfg, "tau", problems, 0.0, open_low=True)
-            embedding = cfg.get("embedding") or {}
-            values["embedding_model"] = str(embedding.get("model") or "")
+            values["tau"] = check.number("tau", 0.0, open_low=True)
+            values["embedding_model"] = str(check.value("embedding.model", None) or "")
             if not values["embedding_model"]:
-                problems.append("loss.embedding.model: name the sentence-embedding model of RPO's weights")
-            values["embedding_input"] = str(embedding.get("input"))
-            if values["embedding_input"] not in EMBEDDING_INPUTS:
-                problems.append(f"loss.embedding.input={embedding.get('input')!r}: choose one of {', '.join(EMBEDDING_INPUTS)}")
+                check.problems.append("loss.embedding.model: name the sentence-embedding model of RPO's weights")
+            values["embedding_input"] = check.choice("embedding.input", EMBEDDING_INPUTS)
         if values["link"] == "ipo" and values.get("label_smoothing"):
-            problems.append(f"loss.label_smoothing={cfg['label_smoothing']}: it smooths the sigmoid link, this loss has link=ipo")
+            check.fail("label_smoothing", "it smooths the sigmoid link, this loss has link=ipo")
         if values["weighting"] == "diagonal_emphasis":
-            values["alpha"] = _number(cfg, "alpha", problems, 0.0, 1.0)
-        if values["weighting"] in ("diagonal", "diagonal_emphasis") and not values["paired"]:
-            problems.append(f"loss.weighting={values['weighting']} contrasts the two responses of one prompt: it needs loss.paired=true")
+            values["alpha"] = check.number("alpha", 0.0, 1.0)
+        weighting = values["weighting"]
+        if weighting in ("diagonal", "diagonal_emphasis") and values["paired"] is False:
+            check.problems.append(f"loss.weighting={weighting} contrasts the two responses of one prompt: it needs loss.paired=true")
         if values.get("sr_lambda"):
-            values["sr_delta"] = _choice(cfg, "sr_delta", SR_DELTAS, problems)
+            values["sr_delta"] = check.choice("sr_delta", SR_DELTAS)
             values["sr_prompt"] = str(cfg.get("sr_prompt") or "")
-            if not values["paired"]:
-                problems.append(f"loss.sr_lambda={cfg['sr_lambda']}: self-refinement needs pairs: loss.paired=true")
+            if values["paired"] is False:
+                check.fail("sr_lambda", "self-refinement needs pairs: loss.paired=true")
             if values["sr_delta"] == "refined" and not values["sr_prompt"].strip():
-                problems.append("loss.sr_prompt: sr_delta=refined needs the prompt p that augments each query")
-        return cls(name, kind, **values), problems
+                check.problems.append("loss.sr_prompt: sr_delta=refined needs the prompt p that augments each query")
+        return cls(name, kind, **values), check.problems
 
     @property
     def needs_reference(self) -> bool:
