@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -209,12 +211,16 @@ def test_fsdp_run_resumes_exactly_and_writes_hugging_face_models(make_cfg, tmp_p
     assert max((straight[key] - sft[key]).abs().max() for key in straight) > 1e-4  # alignment moved the weights
 
 
-def torchrun(tmp_path, cache, *overrides) -> subprocess.CompletedProcess:
+def torchrun_command(tmp_path, cache, *overrides) -> list[str]:
     """`torchrun --nproc_per_node 2 train.py trainer=fsdp ...` on CPU, with the tests' small schedule."""
     from tests.conftest import TINY_OVERRIDES
 
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", "trainer=fsdp"]
-    command += [*TINY_OVERRIDES, f"runs_root={tmp_path / 'runs'}", f"cache_dir={cache}", *overrides]
+    return command + [*TINY_OVERRIDES, f"runs_root={tmp_path / 'runs'}", f"cache_dir={cache}", *overrides]
+
+
+def torchrun(tmp_path, cache, *overrides) -> subprocess.CompletedProcess:
+    command = torchrun_command(tmp_path, cache, *overrides)
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
@@ -241,6 +247,28 @@ def test_torchrun_uneven_batch_fails_at_start_up_on_every_rank(tmp_path, shared_
     assert f"[rank 0 of 2] ConfigError: {message}" in result.stderr
     assert f"[rank 1 of 2] ConfigError: {message}" in result.stderr
     assert not list((tmp_path / "runs").glob("**/sft/checkpoint"))  # nothing trained
+
+
+def test_torchrun_sigterm_stops_every_rank_at_one_step_then_resumes(tmp_path, shared_cache):
+    """A scheduler's SIGTERM reaches torchrun, which passes it to its processes: they agree on the
+    step to stop after (a collective), write one checkpoint together and exit 75; resume=true
+    under torchrun continues from it to the end."""
+    from tests.test_interruptions import interrupt
+
+    overrides = ["loss=dpo", "align.max_examples=96"]
+    runs = tmp_path / "runs"
+    command = torchrun_command(tmp_path, shared_cache, *overrides)
+    stopped = interrupt(command, lambda: any(runs.glob("*/*/align/checkpoint/checksums.json")), signal.SIGTERM, poll=0.01)
+    (run_dir,) = [path.parent for path in runs.glob("*/*/state.json")]
+    assert json.loads((run_dir / "state.json").read_text())["state"] == "stopped", failure_report(stopped)
+    steps = set(re.findall(r"\[rank [01] of 2\] Stopped: SIGTERM received: align stopped after step (\d+)", stopped.stderr))
+    assert len(steps) == 1 and int(steps.pop()) < 96 // 4, failure_report(stopped)  # both ranks, the same step, before the end
+    resumed = torchrun(tmp_path, shared_cache, *overrides, "resume=true")
+    assert resumed.returncode == 0, failure_report(resumed)
+    assert "Resuming align from" in resumed.stdout
+    assert json.loads((run_dir / "state.json").read_text())["state"] == "finished"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["stage"] == "align" and "loss" in r] == list(range(1, 96 // 4 + 1))
 
 
 def test_fsdp_refuses_an_unknown_block_name(make_cfg, tmp_path):
