@@ -15,6 +15,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from eval.after_training import demo_only
+from eval.sampling import check_generation
 from preference_datasets import BalancedSampler, LabelledResponse
 from trainers import TRAINERS
 from trainers.basic import OPTIMIZERS
@@ -23,6 +25,7 @@ from utils import Checker, ConfigError
 
 DTYPES = ("float32", "bfloat16")  # float16 would need loss scaling, which no trainer does
 MIXED_PRECISION = ("auto", "bf16", "fp32")
+AFTER_TRAINING = ("auto", "rules", "none")
 def processes() -> int:
     """The processes this launch trains in (torchrun's WORLD_SIZE; 1 otherwise)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -53,6 +56,8 @@ def check_config(cfg: DictConfig) -> LossSpec:
         check.flag("fsdp.activation_checkpointing")
     if not isinstance(check.value("datasets"), DictConfig) or not cfg.datasets:
         check.fail("datasets", "choose at least one dataset, e.g. datasets=[hh]")
+    else:
+        check_evaluation(check)
     spec, loss_problems = LossSpec.checked(cfg.loss)
     check.problems += loss_problems
     if not check.problems:  # the sizes it divides are valid
@@ -60,6 +65,14 @@ def check_config(cfg: DictConfig) -> LossSpec:
     if check.problems:
         raise ConfigError("\n".join(check.problems))
     return spec
+
+
+def check_evaluation(check: Checker) -> None:
+    """`eval.*`: the rules judge knows only the demo data's questions."""
+    mode = check.choice("eval.after_training", AFTER_TRAINING)
+    check_generation(check, "eval.generation")
+    if mode == "rules" and not demo_only(check.cfg):
+        check.fail("eval.after_training", f"the rules judge checks the demo data's answers only, not datasets {list(check.cfg.datasets)}")
 
 
 def check_train(check: Checker) -> None:

@@ -330,8 +330,10 @@ def start_wandb(cfg: DictConfig, run_dir: Path):
 
 def report(results: dict, run_dir: Path, final_model: Path, cfg: DictConfig) -> dict:
     """Write summary.json and print where the model is and its held-out accuracy over the stages."""
+    from eval.after_training import evaluate_run
     from eval.plots import plot_metrics
 
+    judged = evaluate_run(cfg, run_dir, list(results))  # before summary.json, which marks the run finished
     first = next(iter(results.values()))["initial_eval"]
     accuracy = [("start", first.get("logp_accuracy"))]
     accuracy += [(f"after {stage}", result["final_eval"].get("logp_accuracy")) for stage, result in results.items()]
@@ -340,6 +342,7 @@ def report(results: dict, run_dir: Path, final_model: Path, cfg: DictConfig) -> 
         "logp_accuracy": dict(accuracy),
         "heldout": OmegaConf.to_container(cfg.heldout),
         "stages": results,
+        **({"judged": judged} if judged else {}),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\nFinal model: {final_model}")

@@ -47,6 +47,7 @@ TINY_OVERRIDES = [
     "train.max_eval_examples=8",
     "sft.lr=1e-3",
     "align.lr=1e-3",
+    "eval.after_training=none",  # tests/test_eval.py runs it
 ]
 
 

@@ -136,7 +136,7 @@ def test_self_refined_runs_end_to_end(make_cfg, tmp_path, overrides):
 def test_lambda_sweep_with_hydra_multirun(tmp_path, shared_cache):
     command = [
         sys.executable, "train.py", "-m", "loss=sr_dpo", "loss.sr_lambda=0.1,0.3,0.5,1", "model=tiny", "sft.enabled=false",
-        "align.max_examples=8", "train.batch_size=4", "train.max_eval_examples=4",
+        "align.max_examples=8", "train.batch_size=4", "train.max_eval_examples=4", "eval.after_training=none",
         f"runs_root={tmp_path / 'runs'}", f"cache_dir={shared_cache}",
     ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**__import__("os").environ})
