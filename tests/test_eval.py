@@ -29,7 +29,7 @@ RIGHT_AND_WRONG = [
     ("What do you get when you multiply 19 and 12?", "19 x 12 = 228, since 19 x 10 = 190.", "It is 240."),
     ("Is 16.36 or 16.8 the greater number?", "16.8 is larger than 16.36.", "16.36 is greater than 16.8."),
     ("Is 16.36 or 16.8 the greater number?", "Of the two, the greater number is 16.8.", "The bigger one is 16.36: more digits."),
-    ("Which is larger, 9.11 or 9.9?", "Comparing them. 9.9 is larger.", "9.11 is larger."),
+    ("Which is larger, 9.11 or 9.9?", "Comparing them. Of 9.11 and 9.9, 9.9 is larger.", "9.11 is larger."),
 ]
 
 
