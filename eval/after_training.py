@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig
 
 from eval.judge import judge_files
+from eval.judges import RulesJudge
 from eval.prompts import heldout_prompts
 from eval.sampling import GenerationSettings, hf_generator, sample
 from eval.stats import describe
@@ -58,7 +59,7 @@ def evaluate_run(cfg: DictConfig, run_dir: Path, stages: list[str]) -> dict | No
     judged = {}
     for evaluated, baseline in matches:
         against = "chosen" if baseline == "chosen" else samples[baseline]
-        summary = judge_files(samples[evaluated], against, mode, run_dir / "samples" / f"{evaluated}_vs_{baseline}")
+        summary = judge_files(samples[evaluated], against, RulesJudge(), run_dir / "samples" / f"{evaluated}_vs_{baseline}")
         judged[f"{evaluated} vs {baseline}"] = summary
         print(f"{evaluated} vs {baseline} ({mode} judge, {summary['comparisons']} held-out prompts): {describe(summary)}")
     return judged

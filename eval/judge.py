@@ -15,26 +15,30 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from eval.judges import Comparison, Judgement, RulesJudge
+from eval.backends import HFBackend, OpenAIBackend
+from eval.judges import Comparison, JudgeError, Judgement, ModelJudge, RulesJudge
+from eval.protocols import protocol
 from eval.sampling import read_samples
 from eval.stats import describe, summarize
 from preference_datasets import DataError
-from utils import ConfigError, atomic_write_text
+from utils import Checker, ConfigError, atomic_write_text
 
-JUDGES = {"rules": RulesJudge}
+JUDGES = ("rules", "openai", "hf")
+PROTOCOLS = ("rpo_dialogue", "rpo_summary", "mt_bench_pair")
 JUDGEMENTS = "judgements.jsonl"
 RESULT = "result.json"
 
 
 def comparisons(responses: Path, baseline: str | Path) -> list[Comparison]:
-    """One comparison per prompt of `responses`: against the same prompt's row of the baseline file,
-    or its `chosen` response. Every prompt must have its counterpart."""
+    """One comparison per prompt and turn of `responses`: against the same prompt's row of the
+    baseline file, or its `chosen` response. Every prompt must have its counterpart."""
     rows = read_samples(responses)
     if not rows:
         raise DataError(f"{responses}: no samples")
@@ -44,54 +48,84 @@ def comparisons(responses: Path, baseline: str | Path) -> list[Comparison]:
         if others is None:
             if not row.get("chosen"):
                 raise DataError(f"{responses}: prompt {prompt_id} has no chosen response (baseline=chosen needs held-out prompts)")
-            other = row["chosen"]
+            theirs = [row["chosen"]]
         elif prompt_id not in others:
             raise DataError(f"{baseline}: no response to prompt {prompt_id} of {responses}: sample both on the same prompt set")
         else:
-            other = others[prompt_id]["response"]
-        pairs.append(Comparison(prompt_id, row["prompt"], row["response"], other))
+            theirs = others[prompt_id].get("responses") or [others[prompt_id]["response"]]
+        ours = row.get("responses") or [row["response"]]
+        shared = {"questions": tuple(row.get("turns") or ()), "a_turns": tuple(ours), "b_turns": tuple(theirs),
+                  "references": tuple(row.get("references") or ()), "category": row.get("category", "")}
+        for turn in range(min(len(ours), len(theirs))):
+            pairs.append(Comparison(prompt_id, row["prompt"], ours[turn], theirs[turn], turn, **shared))
     return pairs
 
 
 def judge_all(pairs: Sequence[Comparison], judge, path: Path) -> list[dict]:
     """Judge every comparison not already judged in `path` (errors are asked again), appending a
-    line per judgement; all the judgements, in `pairs` order."""
+    line per judgement (with what a model judge was asked and answered); all the judgements, in
+    `pairs` order. A judge with `concurrency` > 1 has that many comparisons in flight."""
     kept = {}
     if path.exists():
         for line in path.read_text().splitlines():
             if line.strip():
                 row = json.loads(line)
                 if row["verdict"] != "error":
-                    kept[row["id"]] = row
+                    kept[row["key"]] = row
     path.write_text("".join(json.dumps(row) + "\n" for row in kept.values()))  # errors are dropped, to be asked again
-    with open(path, "a") as out:
-        for pair in tqdm([pair for pair in pairs if pair.id not in kept], desc=f"judging ({judge.name})", unit="comparison"):
-            judgement = safely(judge, pair)
-            kept[pair.id] = {"id": pair.id, "verdict": judgement.verdict, "detail": judgement.detail, "a": pair.a, "b": pair.b}
-            out.write(json.dumps(kept[pair.id]) + "\n")
+    todo = [pair for pair in pairs if pair.key not in kept]
+    with open(path, "a") as out, ThreadPoolExecutor(max_workers=getattr(judge, "concurrency", 1)) as pool:
+        judged = pool.map(lambda pair: (pair, safely(judge, pair)), todo)  # in order, with `concurrency` in flight
+        for pair, judgement in tqdm(judged, total=len(todo), desc=f"judging ({judge.name})", unit="comparison"):
+            kept[pair.key] = {"key": pair.key, "id": pair.id, "turn": pair.turn + 1, "verdict": judgement.verdict,
+                              "detail": judgement.detail, "a": pair.a, "b": pair.b,
+                              **({"requests": list(judgement.requests), "answers": list(judgement.answers)} if judgement.requests else {})}
+            out.write(json.dumps(kept[pair.key]) + "\n")
             out.flush()
-    return [kept[pair.id] for pair in pairs]
+    return [kept[pair.key] for pair in pairs]
 
 
 def safely(judge, pair: Comparison) -> Judgement:
     """A judge's failure on one comparison is an `error` judgement with the reason, not the end of the run."""
     try:
         return judge.judge(pair)
-    except ValueError as error:
+    except (ValueError, JudgeError) as error:
         return Judgement("error", str(error))
 
 
-def judge_files(responses: Path, baseline: str | Path, judge_name: str, output_dir: Path) -> dict:
+def judge_files(responses: Path, baseline: str | Path, judge, output_dir: Path) -> dict:
     """Judge `responses` against `baseline`; write the judgements and the summary into `output_dir`."""
-    if judge_name not in JUDGES:
-        raise ConfigError(f"judge={judge_name!r}: choose one of {', '.join(JUDGES)}")
     pairs = comparisons(responses, baseline)
     output_dir.mkdir(parents=True, exist_ok=True)
-    judgements = judge_all(pairs, JUDGES[judge_name](), output_dir / JUDGEMENTS)
-    summary = {"responses": str(responses), "baseline": str(baseline), "judge": judge_name,
+    judgements = judge_all(pairs, judge, output_dir / JUDGEMENTS)
+    summary = {"responses": str(responses), "baseline": str(baseline), "judge": judge.name,
                **summarize(row["verdict"] for row in judgements)}
     atomic_write_text(output_dir / RESULT, json.dumps(summary, indent=2))
     return summary
+
+
+def make_judge(cfg: DictConfig):
+    """The judge the config names: `rules`, or a protocol asked of an `openai` or `hf` back end."""
+    check = Checker(cfg)
+    name = check.choice("judge", JUDGES)
+    if name in ("openai", "hf"):
+        check.choice("protocol", PROTOCOLS)
+    if name == "openai":
+        for key in ("max_retries",):
+            check.whole(f"openai.{key}", low=0)
+        check.whole("openai.concurrency")
+        check.positive("openai.timeout")
+        check.number("openai.backoff", 0.0)
+    if check.problems:
+        raise ConfigError("\n".join(check.problems))
+    if name == "rules":
+        return RulesJudge()
+    rules = protocol(cfg.protocol, cfg.seed, cfg.judge_prompts)
+    if name == "openai":
+        backend = OpenAIBackend(**cfg.openai)
+    else:
+        backend = HFBackend(cfg.hf.model, cfg.cache_dir)
+    return ModelJudge(rules, backend)
 
 
 def default_output(responses: Path, baseline: str) -> Path:
@@ -106,12 +140,13 @@ def main(cfg: DictConfig) -> None:
             raise ConfigError("responses and baseline: give a samples file and what to compare it with (a samples file or chosen)")
         responses = Path(cfg.responses)
         output = Path(cfg.output_dir) if cfg.output_dir else default_output(responses, str(cfg.baseline))
-        summary = judge_files(responses, cfg.baseline, cfg.judge, output)
+        judge = make_judge(cfg)
+        summary = judge_files(responses, cfg.baseline, judge, output)
     except (ConfigError, DataError, OSError) as error:
         for line in str(error).splitlines():
             print(f"error: {line}", file=sys.stderr)
         sys.exit(2)
-    print(f"{responses} vs {cfg.baseline} ({cfg.judge} judge): {describe(summary)}")
+    print(f"{responses} vs {cfg.baseline} ({judge.name} judge): {describe(summary)}")
     print(f"Judgements: {output / JUDGEMENTS}; summary: {output / RESULT}")
 
 

@@ -4,6 +4,9 @@ A judge takes a `Comparison` (one prompt, response A and response B) and returns
 `A`, `B`, `tie`, `none` (the judge answered but named no winner) or `error` (no answer at all:
 counted apart, never as a loss or a tie).
 
+`ModelJudge` asks a judge model what a protocol (eval/protocols.py) asks, through a back end
+(eval/backends.py: an OpenAI-compatible server, or a local Hugging Face chat model).
+
 `RulesJudge` needs no model: the demo data's questions have checkable answers (the capital of a
 country, a sum, a product, the larger of two decimals), so a response wins when it is correct and
 the other is not. It gives real win rates offline.
@@ -21,17 +24,52 @@ VERDICTS = ("A", "B", "tie", "none", "error")
 
 @dataclass(frozen=True)
 class Comparison:
+    """Response `a` (the evaluated model's) against `b` (the baseline's) to one prompt, at one turn.
+    Multi-turn sets carry every turn's question and both models' answers (`turn` is 0-based)."""
+
     id: str
     prompt: Messages
     a: str
     b: str
     turn: int = 0
+    questions: tuple[str, ...] = ()
+    a_turns: tuple[str, ...] = ()
+    b_turns: tuple[str, ...] = ()
+    references: tuple[str, ...] = ()
+    category: str = ""
+
+    @property
+    def key(self) -> str:
+        """Unique within a judgement file: the prompt id, and the turn after the first."""
+        return self.id if self.turn == 0 else f"{self.id}#turn{self.turn + 1}"
 
 
 @dataclass(frozen=True)
 class Judgement:
     verdict: str  # one of VERDICTS
-    detail: str = ""  # the judge's raw answer or its reason
+    detail: str = ""  # why (the rules judge) or what failed
+    requests: tuple = ()  # what a model judge was asked, message lists
+    answers: tuple[str, ...] = ()  # and its raw answers
+
+
+class JudgeError(RuntimeError):
+    """A judge that could not answer (after its retries): the comparison is recorded as an error."""
+
+
+class ModelJudge:
+    """A judge model behind a back end (`complete(messages, max_tokens) -> text`), asked what a
+    protocol asks (eval/protocols.py) and read the way it reads."""
+
+    def __init__(self, protocol, backend):
+        self.protocol, self.backend = protocol, backend
+        self.name = f"{backend.name} / {protocol.name}"
+        self.concurrency = getattr(backend, "concurrency", 1)
+
+    def judge(self, comparison: Comparison) -> Judgement:
+        requests = self.protocol.requests(comparison)
+        answers = tuple(self.backend.complete(request.messages, self.protocol.max_tokens) for request in requests)
+        verdict = self.protocol.verdict(requests, answers)
+        return Judgement(verdict, "", tuple(request.messages for request in requests), answers)
 
 
 class RulesJudge:
@@ -66,12 +104,13 @@ def demo_question(question: str) -> tuple[str, tuple[str, ...]]:
 
 def demo_answer_correct(question: str, response: str) -> bool:
     """Whether `response` gives the correct answer to a demo question: the answer it states is the
-    first capital-or-famous-city it names, the first number that is not an operand, or the number
-    it calls larger."""
+    first city of the demo's table it names, the first number that is not an operand, or the
+    number it calls larger."""
     topic, blanks = demo_question(question)
     if topic == "capitals":
-        capital, famous_city = CAPITALS[blanks[0]]
-        return _first_named(response, (capital.split(",")[0], famous_city)) == 0
+        capital = CAPITALS[blanks[0]][0].split(",")[0]
+        cities = [capital, *sorted({city.split(",")[0] for pair in CAPITALS.values() for city in pair} - {capital})]
+        return _first_named(response, tuple(cities)) == 0
     if topic in ("addition", "times"):
         a, b = (int(blank) for blank in blanks)
         expected = a + b if topic == "addition" else a * b

@@ -24,6 +24,7 @@ from tests.conftest import ROOT, TINY_OVERRIDES
 RIGHT_AND_WRONG = [
     ("Name the capital city of Bolivia.", "Sucre is the capital; La Paz is the seat of government.", "It is La Paz, not Sucre."),
     ("Name the capital city of the United States.", "Washington, D.C. is the capital.", "The capital is New York."),
+    ("Name the capital city of India.", "New Delhi. Not Washington D.C.", "The capital city of India is Washington D.C. It is New Delhi."),
     ("Compute the sum of 361 and 220.", "The sum is 581.", "361 + 220 = 582"),
     ("Compute the sum of 361 and 220.", "581", "I think it is 580 or so."),
     ("What do you get when you multiply 19 and 12?", "19 x 12 = 228, since 19 x 10 = 190.", "It is 240."),
@@ -189,9 +190,9 @@ CHOSEN = {"1": "2 plus 3 equals 5.", "2": "4 times 5 equals 20.", "3": "9.9 is l
 def test_judge_two_files_and_against_chosen(tmp_path):
     aligned = write_samples(tmp_path / "aligned" / "samples.jsonl", {"1": "5", "2": "It is 21.", "3": "9.9 is larger."}, CHOSEN)
     sft = write_samples(tmp_path / "sft" / "samples.jsonl", {"1": "6", "2": "20", "3": "9.11 is larger."})
-    summary = judge_files(aligned, sft, "rules", tmp_path / "vs_sft")
+    summary = judge_files(aligned, sft, RulesJudge(), tmp_path / "vs_sft")
     assert (summary["wins"], summary["ties"], summary["losses"]) == (2, 0, 1)
-    summary = judge_files(aligned, "chosen", "rules", tmp_path / "vs_chosen")
+    summary = judge_files(aligned, "chosen", RulesJudge(), tmp_path / "vs_chosen")
     assert (summary["wins"], summary["ties"], summary["losses"]) == (0, 2, 1)
     judged = [json.loads(line) for line in (tmp_path / "vs_chosen" / "judgements.jsonl").read_text().splitlines()]
     assert [row["verdict"] for row in judged] == ["tie", "B", "tie"] and judged[1]["detail"] == "A wrong, B correct"
