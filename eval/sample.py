@@ -18,11 +18,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from eval.prompts import PROMPT_SETS, load_prompts
-from eval.sampling import GenerationSettings, check_generation, hf_generator, sample
+from eval.sampling import GenerationSettings, check_generation, hf_generator, sample, vllm_generator
 from preference_datasets import DataError
-from utils import Checker, ConfigError, ModelResolutionError, seed_everything
+from utils import Checker, ConfigError, ModelResolutionError, resolve_model_path, seed_everything
 
-BACKENDS = ("hf",)
+BACKENDS = ("hf", "vllm")
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,11 @@ def load_answering_model(cfg: DictConfig, source: Answerer):
     return train.load_policy(cfg, tokenizer).to(device), tokenizer
 
 
+def model_folder(cfg: DictConfig, source: Answerer) -> str:
+    """Where vLLM loads the model from: the checkpoint folder, or the config model's resolved copy."""
+    return str(source.folder) if source.folder is not None else resolve_model_path(cfg.model.name_or_path, cfg.cache_dir)
+
+
 def output_folder(cfg: DictConfig, source: Answerer) -> Path:
     if cfg.output_dir:
         return Path(cfg.output_dir)
@@ -94,10 +99,11 @@ def run(cfg: DictConfig) -> Path:
     run_config = OmegaConf.load(run_dir / "config.yaml") if run_dir is not None else None
     prompts = load_prompts(cfg.prompts, path=cfg.prompts_path, run_config=run_config)[: cfg.max_prompts or None]
     seed_everything(cfg.seed)
-    model, tokenizer = load_answering_model(cfg, source)
+    generate = vllm_generator(str(model_folder(cfg, source))) if cfg.backend == "vllm" else hf_generator(*load_answering_model(cfg, source))
     meta = {"checkpoint": source.label, "model": cfg.model.name if source.folder is None else None,
-            "prompt_set": cfg.prompts, "prompts_path": cfg.prompts_path, "run": str(run_dir) if run_dir else None}
-    return sample(prompts, hf_generator(model, tokenizer), settings, output_folder(cfg, source), meta)
+            "prompt_set": cfg.prompts,
+            "prompts_path": str(Path(cfg.prompts_path).resolve()) if cfg.prompts_path else None, "run": str(run_dir) if run_dir else None}
+    return sample(prompts, generate, settings, output_folder(cfg, source), meta)
 
 
 @hydra.main(config_path="../config", config_name="eval/sample", version_base=None)

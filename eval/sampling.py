@@ -74,6 +74,23 @@ def hf_generator(model: torch.nn.Module, tokenizer) -> Generate:
     return generate
 
 
+def vllm_generator(model_path: str) -> Generate:
+    """vLLM (GPUs; `pip install vllm`, imported only here) with the same chat template, settings and
+    output as `hf_generator`; each batch's seed (set by `answer_batch`) seeds its requests."""
+    try:
+        from vllm import LLM, SamplingParams
+    except ImportError:
+        raise ConfigError("backend=vllm: vLLM is not installed (pip install vllm, on a GPU machine); backend=hf works everywhere") from None
+    llm = LLM(model=model_path)
+
+    def generate(conversations: list[Messages], settings: GenerationSettings) -> list[str]:
+        params = SamplingParams(temperature=settings.temperature, top_p=settings.top_p, max_tokens=settings.max_new_tokens,
+                                seed=torch.initial_seed())
+        return [output.outputs[0].text.strip() for output in llm.chat(conversations, params, use_tqdm=False)]
+
+    return generate
+
+
 def sample(
     prompts: Sequence[EvalPrompt],
     generate: Generate,

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import train
 from eval.judge import comparisons, judge_all, judge_files
@@ -286,3 +287,103 @@ def test_the_rules_judge_after_training_is_refused_on_data_it_cannot_judge(make_
     with pytest.raises(ConfigError, match=r"eval.after_training='rules': the rules judge checks the demo data's answers only"):
         check_config(make_cfg("datasets=[hh]", "eval.after_training=rules"))
     assert check_config(make_cfg("datasets=[hh]")) is not None  # auto: no judge for hh yet, nothing refused
+
+
+# ----------------------------------------------------------------------------- exports
+
+
+def sampled_set(folder: Path, prompt_set: str, source: Path, answer) -> Path:
+    """Answers to every prompt of a local prompt-set file, through `sample` (its meta.json included)."""
+    prompts = load_prompts(prompt_set, path=str(source))
+    meta = {"checkpoint": "m", "prompt_set": prompt_set, "prompts_path": str(source)}
+    return sample(prompts, lambda conversations, settings: [answer(c) for c in conversations], GenerationSettings(batch_size=4),
+                  folder, meta)
+
+
+def test_alpaca_eval_export_has_every_instruction_in_order(tmp_path):
+    from eval.export import export
+
+    source = tmp_path / "alpaca.jsonl"
+    rows = [{"instruction": f"Instruction {i}", "output": "reference", "generator": "davinci", "dataset": ["koala", "oasst"][i % 2]}
+            for i in range(805)]
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    samples = sampled_set(tmp_path / "samples", "alpaca_eval", source, lambda c: f"answer to {c[-1]['content']}")
+    exported = json.loads(export(samples, "my-model").read_text())
+    assert len(exported) == 805 and exported[0].keys() == {"instruction", "output", "generator", "dataset"}
+    assert [row["instruction"] for row in exported] == [row["instruction"] for row in rows]
+    assert exported[804] == {"instruction": "Instruction 804", "output": "answer to Instruction 804", "generator": "my-model",
+                             "dataset": "koala"}
+    lines = samples.read_text().splitlines()
+    samples.write_text("\n".join(lines[:100] + lines[101:]) + "\n")  # one answer lost
+    with pytest.raises(DataError, match="1 of the 805 alpaca_eval prompts have no answer .first: alpaca_eval-100"):
+        export(samples, "my-model")
+
+
+def test_mt_bench_export_in_fastchats_answer_format(tmp_path):
+    from eval.export import export
+
+    source = tmp_path / "question.jsonl"
+    source.write_text("".join(json.dumps({"question_id": 81 + i, "category": "writing", "turns": [f"Q{i}a", f"Q{i}b"]}) + "\n"
+                              for i in range(3)))
+    samples = sampled_set(tmp_path / "samples", "mt_bench", source, lambda c: f"re {c[-1]['content']}")
+    answers = [json.loads(line) for line in export(samples, "my-model").read_text().splitlines()]
+    assert [answer["question_id"] for answer in answers] == [81, 82, 83]
+    assert answers[1]["model_id"] == "my-model" and answers[1]["choices"] == [{"index": 0, "turns": ["re Q1a", "re Q1b"]}]
+    assert answers[0].keys() == {"question_id", "answer_id", "model_id", "choices", "tstamp"}
+
+
+def test_vllm_sampling_without_vllm_is_a_clear_refusal(tmp_path):
+    from eval.sampling import vllm_generator
+    from utils import ConfigError
+
+    if __import__("importlib").util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here: this checks the refusal on machines without it")
+    with pytest.raises(ConfigError, match=r"backend=vllm: vLLM is not installed \(pip install vllm"):
+        vllm_generator(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- the Open LLM Leaderboard through lm-eval
+
+
+def test_leaderboard_scores_a_local_task_as_computed_by_hand(tmp_path, shared_cache):
+    """A local multiple-choice task through the real CLI (lm-eval, offline): its accuracy equals the
+    one computed here from the model's own log-likelihoods of each choice."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
+        cfg = compose("config", overrides=["model=tiny", f"cache_dir={shared_cache}", "+model.random_init.initializer_range=0.5"])
+    tokenizer = train.load_tokenizer(cfg)
+    model = train.load_policy(cfg, tokenizer).eval()
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    kinds = [("colour", ["blue", "green", "red"]), ("fruit", ["apple", "pear", "plum"]), ("animal", ["cat", "dog", "horse"]),
+             ("city", ["Paris", "Rome", "Oslo"])] * 3
+    docs = [{"question": f"Question {i}: name a {kind}.", "choices": choices, "answer": i % 3} for i, (kind, choices) in enumerate(kinds)]
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "docs.jsonl").write_text("".join(json.dumps(doc) + "\n" for doc in docs))
+    (tmp_path / "tasks" / "sums.yaml").write_text(
+        f"task: sums\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / 'tasks' / 'docs.jsonl'}\n"
+        "test_split: test\nfewshot_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n")
+
+    def loglikelihood(context: str, continuation: str) -> float:  # lm-eval's split: the context's tokens, then the rest
+        whole, head = tokenizer(context + continuation).input_ids, tokenizer(context).input_ids
+        ids = torch.tensor([whole])
+        with torch.no_grad():
+            logps = model(ids[:, :-1]).logits.log_softmax(-1)[0]
+        return sum(float(logps[position - 1, whole[position]]) for position in range(len(head), len(whole)))
+
+    picked = [max(range(3), key=lambda k: loglikelihood(doc["question"], " " + doc["choices"][k])) for doc in docs]
+    assert len(set(picked)) == 3  # the model's choices vary, so the score says which it picked
+    expected = sum(pick == doc["answer"] for pick, doc in zip(picked, docs, strict=True)) / len(docs)
+    task = (tmp_path / "tasks" / "sums.yaml").read_text()
+    (tmp_path / "tasks" / "sums_again.yaml").write_text(task.replace("task: sums", "task: sums_again"))
+    result = cli("eval.leaderboard", f"checkpoint={tmp_path / 'model'}", "tasks=[sums,sums_again]", f"include_path={tmp_path / 'tasks'}",
+                 "+task_settings.sums={shots: 0, metric: acc}", "+task_settings.sums_again={shots: 1, metric: acc}",
+                 f"output_dir={tmp_path / 'out'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    board = json.loads((tmp_path / "out" / "leaderboard.json").read_text())
+    assert [(row["task"], row["shots"]) for row in board["tasks"]] == [("sums", 0), ("sums_again", 1)]
+    assert board["tasks"][0]["score"] == pytest.approx(expected, abs=1e-9)
+    assert board["average"] == pytest.approx((board["tasks"][0]["score"] + board["tasks"][1]["score"]) / 2)
+    assert f"| sums | 0 | acc | {100 * expected:.2f} |" in (tmp_path / "out" / "leaderboard.md").read_text()
