@@ -268,3 +268,30 @@ def test_requests_are_what_the_protocol_built():
     judgement = ModelJudge(protocol, backend).judge(Comparison("1", DIALOGUE, "x.", "y."))
     assert list(judgement.requests) == [protocol.requests(Comparison("1", DIALOGUE, "x.", "y."))[0].messages] == backend.asked
     assert isinstance(protocol.requests(Comparison("1", DIALOGUE, "x.", "y."))[0], Request)
+
+
+def test_a_local_hf_model_judges_offline_through_the_cli(tmp_path, shared_cache):
+    """`judge=hf`: a local chat model's greedy answer to the protocol's messages, read by the
+    protocol's parser (the random `tiny` model names no response: every verdict is `none`)."""
+    from hydra import compose, initialize_config_dir
+
+    import train
+    from eval.backends import HFBackend
+
+    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
+        cfg = compose("config", overrides=["model=tiny", f"cache_dir={shared_cache}", "+model.random_init.initializer_range=0.5"])
+    tokenizer = train.load_tokenizer(cfg)
+    train.load_policy(cfg, tokenizer).save_pretrained(tmp_path / "judge")
+    tokenizer.save_pretrained(tmp_path / "judge")
+    ours, theirs = responses_files(tmp_path)
+    command = [sys.executable, "-m", "eval.judge", f"responses={ours}", f"baseline={theirs}", "judge=hf", "protocol=rpo_dialogue",
+               f"hf.model={tmp_path / 'judge'}", f"output_dir={tmp_path / 'hf'}"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "hf" / "judgements.jsonl").read_text().splitlines()]
+    backend, protocol = HFBackend(str(tmp_path / "judge")), RPOProtocol("rpo_dialogue")
+    for row in rows[:3]:
+        (request,) = row["requests"]
+        assert row["answers"] == [backend.complete(request, protocol.max_tokens)]  # greedy: the same text again
+        assert row["verdict"] == protocol.verdict(protocol.requests(Comparison(row["id"], DIALOGUE, row["a"], row["b"])), row["answers"])
+    assert json.loads((tmp_path / "hf" / "result.json").read_text())["comparisons"] == len(CASES)
