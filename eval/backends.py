@@ -29,7 +29,7 @@ class OpenAIBackend:
         key = os.environ.get(api_key_env)
         if not key:
             raise ConfigError(f"openai.api_key_env={api_key_env}: the environment variable {api_key_env} is not set (it holds the API key)")
-        self.openai, self.model, self.max_retries, self.backoff = openai, model, max_retries, backoff
+        self.openai, self.model_name, self.max_retries, self.backoff = openai, model, max_retries, backoff
         self.concurrency = concurrency
         self.client = openai.OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=0)  # retries are ours: counted, backed off
 
@@ -38,15 +38,16 @@ class OpenAIBackend:
         retried = (openai.APITimeoutError, openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError)
         for attempt in range(self.max_retries + 1):
             try:
-                response = self.client.chat.completions.create(model=self.model, messages=messages, temperature=0, max_tokens=max_tokens)
+                response = self.client.chat.completions.create(model=self.model_name, messages=messages, temperature=0,
+                                                               max_tokens=max_tokens)
                 return response.choices[0].message.content or ""
             except retried as error:
                 last = error
                 if attempt < self.max_retries:
                     time.sleep(self.backoff * 2**attempt)
             except openai.APIStatusError as error:  # 400, 401, 404...: asking again cannot help
-                raise JudgeError(f"{self.model}: HTTP {error.status_code}: {error.message}") from None
-        raise JudgeError(f"{self.model}: no answer after {self.max_retries + 1} attempts ({type(last).__name__}: {last})")
+                raise JudgeError(f"{self.model_name}: HTTP {error.status_code}: {error.message}") from None
+        raise JudgeError(f"{self.model_name}: no answer after {self.max_retries + 1} attempts ({type(last).__name__}: {last})")
 
 
 class HFBackend:
@@ -59,6 +60,7 @@ class HFBackend:
 
         from utils import resolve_model_path
 
+        self.model_name = model
         source = model if os.path.isdir(model) else resolve_model_path(model, cache_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(source)
         device = "cuda" if torch.cuda.is_available() else "cpu"

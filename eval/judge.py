@@ -28,12 +28,13 @@ from eval.protocols import protocol
 from eval.sampling import read_samples
 from eval.stats import describe, summarize
 from preference_datasets import DataError
-from utils import Checker, ConfigError, atomic_write_text
+from utils import Checker, ConfigError, atomic_write_text, text_fingerprint
 
 JUDGES = ("rules", "openai", "hf")
 PROTOCOLS = ("rpo_dialogue", "rpo_summary", "mt_bench_pair")
 JUDGEMENTS = "judgements.jsonl"
 RESULT = "result.json"
+SETTING = "judging.json"  # who judged which files: a rerun must be the same judging
 
 
 def comparisons(responses: Path, baseline: str | Path) -> list[Comparison]:
@@ -94,9 +95,18 @@ def safely(judge, pair: Comparison) -> Judgement:
 
 
 def judge_files(responses: Path, baseline: str | Path, judge, output_dir: Path) -> dict:
-    """Judge `responses` against `baseline`; write the judgements and the summary into `output_dir`."""
+    """Judge `responses` against `baseline`; write the judgements and the summary into `output_dir`.
+    A folder holds one judge's verdicts on one pair of files: judging into it with another judge
+    or other files is refused (a rerun would otherwise keep the other judge's verdicts)."""
     pairs = comparisons(responses, baseline)
     output_dir.mkdir(parents=True, exist_ok=True)
+    against = "chosen" if str(baseline) == "chosen" else str(Path(baseline).resolve())
+    setting = {"responses": str(Path(responses).resolve()), "baseline": against, **judge.settings}
+    if (output_dir / SETTING).exists() and (saved := json.loads((output_dir / SETTING).read_text())) != setting:
+        keys = dict.fromkeys([*saved, *setting])
+        differences = "; ".join(f"{key}: {saved.get(key)!r} -> {setting.get(key)!r}" for key in keys if saved.get(key) != setting.get(key))
+        raise ConfigError(f"{output_dir} holds another judging ({differences}): choose another output_dir")
+    atomic_write_text(output_dir / SETTING, json.dumps(setting, indent=2))
     judgements = judge_all(pairs, judge, output_dir / JUDGEMENTS)
     summary = {"responses": str(responses), "baseline": str(baseline), "judge": judge.name,
                **summarize(row["verdict"] for row in judgements)}
@@ -128,9 +138,11 @@ def make_judge(cfg: DictConfig):
     return ModelJudge(rules, backend)
 
 
-def default_output(responses: Path, baseline: str) -> Path:
-    against = "chosen" if baseline == "chosen" else Path(baseline).parent.name
-    return responses.parent / f"judged_vs_{against}"
+def default_output(responses: Path, baseline: str, judge) -> Path:
+    """`<responses folder>/judged_<judge>_vs_<baseline>`: the baseline's folder name and a hash of its path."""
+    against = "chosen" if baseline == "chosen" else f"{Path(baseline).parent.name}-{text_fingerprint(str(Path(baseline).resolve()))[:6]}"
+    judged_by = "_".join(str(value) for key, value in judge.settings.items() if key in ("judge", "protocol"))
+    return responses.parent / f"judged_{judged_by}_vs_{against}"
 
 
 @hydra.main(config_path="../config", config_name="eval/judge", version_base=None)
@@ -139,8 +151,8 @@ def main(cfg: DictConfig) -> None:
         if not cfg.responses or not cfg.baseline:
             raise ConfigError("responses and baseline: give a samples file and what to compare it with (a samples file or chosen)")
         responses = Path(cfg.responses)
-        output = Path(cfg.output_dir) if cfg.output_dir else default_output(responses, str(cfg.baseline))
         judge = make_judge(cfg)
+        output = Path(cfg.output_dir) if cfg.output_dir else default_output(responses, str(cfg.baseline), judge)
         summary = judge_files(responses, cfg.baseline, judge, output)
     except (ConfigError, DataError, OSError) as error:
         for line in str(error).splitlines():

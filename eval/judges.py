@@ -64,6 +64,8 @@ class ModelJudge:
         self.protocol, self.backend = protocol, backend
         self.name = f"{backend.name} / {protocol.name}"
         self.concurrency = getattr(backend, "concurrency", 1)
+        self.settings = {"judge": backend.name, "protocol": protocol.name, "model": getattr(backend, "model_name", None),
+                         "seed": getattr(protocol, "seed", None)}
 
     def judge(self, comparison: Comparison) -> Judgement:
         requests = self.protocol.requests(comparison)
@@ -76,6 +78,7 @@ class RulesJudge:
     """Checks each response against the demo question's correct answer."""
 
     name = "rules"
+    settings = {"judge": "rules"}
 
     def judge(self, comparison: Comparison) -> Judgement:
         question = comparison.prompt[-1]["content"]

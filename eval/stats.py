@@ -3,7 +3,8 @@
 Rates are over the judged comparisons (errors, where the judge gave no answer, are counted apart
 and left out). Two win rates are reported as the RPO papers need them: the paper's, wins over all
 judged comparisons (a comparison without a verdict is a win for neither side, as the official
-code counts it), and wins over the decided ones (wins + losses).
+code counts it), and wins over the decided ones (wins + losses); and, since several published
+values are half-integers over 256, the win rate with ties (and no-verdicts) counted as half a win.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def summarize(verdicts: Iterable[str]) -> dict:
     judged = wins + losses + ties + none
     decided = wins + losses
 
-    def rate(successes: int, trials: int) -> dict:
+    def rate(successes: float, trials: int) -> dict:
         low, high = wilson_interval(successes, trials)
         return {"rate": successes / trials if trials else math.nan, "ci95": [low, high]}
 
@@ -49,6 +50,7 @@ def summarize(verdicts: Iterable[str]) -> dict:
         "tie_rate": rate(ties + none, judged),
         "lose_rate": rate(losses, judged),
         "decided_win_rate": rate(wins, decided),
+        "win_rate_ties_half": rate(wins + (ties + none) / 2, judged),  # some published rates are half-integers over 256
         "interval": "Wilson score, 95 %",
     }
 

@@ -73,6 +73,7 @@ def test_summary_counts_errors_apart_and_reports_both_win_rates():
         13, 6, 2, 1, 1, 3)
     assert summary["win_rate"]["rate"] == pytest.approx(6 / 10)  # the paper's: wins over everything judged
     assert summary["decided_win_rate"]["rate"] == pytest.approx(6 / 8)
+    assert summary["win_rate_ties_half"]["rate"] == pytest.approx(7 / 10)
     assert summary["lose_rate"]["rate"] == pytest.approx(2 / 10) and summary["tie_rate"]["rate"] == pytest.approx(2 / 10)
     assert summary["win_rate"]["ci95"] == pytest.approx(list(wilson_interval(6, 10)))
     assert "6 wins, 1 ties, 2 losses, 1 without a verdict, 3 errors (not counted)" in describe(summary)
@@ -260,7 +261,7 @@ def test_training_ends_with_judged_win_rates_and_the_clis_sample_and_judge_its_c
     judged = cli("eval.judge", f"responses={tmp_path / 'cli' / 'samples.jsonl'}", "baseline=chosen", cwd=tmp_path)
     assert judged.returncode == 0, judged.stderr[-3000:]
     assert "(0 wins, 0 ties, 5 losses" in judged.stdout
-    result = json.loads((tmp_path / "cli" / "judged_vs_chosen" / "result.json").read_text())
+    result = json.loads((tmp_path / "cli" / "judged_rules_vs_chosen" / "result.json").read_text())
     assert result["losses"] == 5 and result["win_rate"]["ci95"] == pytest.approx(list(wilson_interval(0, 5)))
     assert sorted(path.name for path in tmp_path.iterdir()) == ["cli", "runs"]  # no Hydra folders or logs left behind
 

@@ -18,10 +18,10 @@ import pytest
 
 from eval.backends import OpenAIBackend
 from eval.judge import judge_files
-from eval.judges import Comparison, ModelJudge
+from eval.judges import Comparison, ModelJudge, RulesJudge
 from eval.protocols import MTBenchPairProtocol, Request, RPOProtocol, clean_response
-from eval.stats import summarize
 from tests.conftest import ROOT
+from utils import ConfigError
 
 DIALOGUE = [{"role": "user", "content": "How do I bake bread?"}, {"role": "assistant", "content": "With flour."},
             {"role": "user", "content": "And yeast?"}]
@@ -243,7 +243,8 @@ def test_openai_backend_counts_verdicts_failures_and_errors_apart(tmp_path, judg
     summary = judge_files(ours, theirs, judge, tmp_path / "judged")  # the rerun asks again only the two errors
     assert len(judge_server.requests) - asked == 2
     assert (summary["wins"], summary["no_verdict"], summary["errors"]) == (5, 4, 0)  # FAIL500 and HANG now answer, unlabelled
-    assert summarize(["A"])["errors"] == 0
+    with pytest.raises(ConfigError, match=r"holds another judging \(judge: 'openai' -> 'rules'; protocol: 'rpo_dialogue' -> None"):
+        judge_files(ours, theirs, RulesJudge(), tmp_path / "judged")  # its verdicts are not the openai judge's to keep
 
 
 def test_openai_judge_through_the_cli_and_a_missing_key(tmp_path, judge_server):
