@@ -55,7 +55,7 @@ def load_prompts(name: str, *, path: str | None = None, run_config: DictConfig |
     held-out split it recorded); the benchmarks come from `path` or else from the hub."""
     if name == "heldout":
         if run_config is None:
-            raise DataError("prompts=heldout: give the training run (run=<run folder>) whose held-out split to sample")
+            raise DataError("prompts=heldout: give the training run (run=<run folder>) whose held-out split to sample, or datasets=[...]")
         return heldout_prompts(run_config)
     if name not in BENCHMARKS:
         raise DataError(f"prompts={name!r}: choose one of {', '.join(PROMPT_SETS)}")

@@ -3,6 +3,7 @@
     python -m eval.sample checkpoint=outputs/rpo_smollm2_135m/<time>              # its held-out prompts
     python -m eval.sample checkpoint=<run> prompts=mt_bench prompts_path=../shared/data/eval-prompts/mt_bench.jsonl
     python -m eval.sample model=smollm2_135m run=<run>                            # the base model on that run's split
+    python -m eval.sample model=smollm2_135m datasets=[hh] datasets.hh.path=...    # hh's held-out split, no run needed
 
 Writes `samples.jsonl` and `meta.json` (eval/sampling.py) and prints where.
 """
@@ -96,7 +97,10 @@ def run(cfg: DictConfig) -> Path:
     run_dir = Path(cfg.run) if cfg.run else source.run
     if cfg.prompts == "heldout" and run_dir is not None and not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"run={run_dir}: not a training run folder (no config.yaml)")
-    run_config = OmegaConf.load(run_dir / "config.yaml") if run_dir is not None else None
+    if run_dir is not None:
+        run_config = OmegaConf.load(run_dir / "config.yaml")
+    else:  # the split training would hold out of these datasets
+        run_config = OmegaConf.create({"datasets": cfg.datasets, "heldout": None}) if cfg.get("datasets") else None
     prompts = load_prompts(cfg.prompts, path=cfg.prompts_path, run_config=run_config)[: cfg.max_prompts or None]
     seed_everything(cfg.seed)
     generate = vllm_generator(str(model_folder(cfg, source))) if cfg.backend == "vllm" else hf_generator(*load_answering_model(cfg, source))

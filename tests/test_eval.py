@@ -388,3 +388,12 @@ def test_leaderboard_scores_a_local_task_as_computed_by_hand(tmp_path, shared_ca
     assert board["tasks"][0]["score"] == pytest.approx(expected, abs=1e-9)
     assert board["average"] == pytest.approx((board["tasks"][0]["score"] + board["tasks"][1]["score"]) / 2)
     assert f"| sums | 0 | acc | {100 * expected:.2f} |" in (tmp_path / "out" / "leaderboard.md").read_text()
+
+
+def test_sample_cli_answers_a_datasets_held_out_split_without_a_run(tmp_path, shared_cache):
+    result = cli("eval.sample", "model=tiny", "datasets=[demo]", "datasets.demo.test_size=6", "generation.max_new_tokens=2",
+                 f"cache_dir={shared_cache}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_samples(tmp_path / "outputs" / "samples" / "tiny_heldout" / "samples.jsonl")
+    expected = prompts_of(make_demo_pairs(6, seed=1, held_out=True))  # the demo loader's held-out split (its seed + 1)
+    assert [(row["id"], row["prompt"], row["chosen"]) for row in rows.values()] == [(p.id, p.messages, p.chosen) for p in expected]
