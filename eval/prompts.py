@@ -20,17 +20,17 @@ from preference_datasets import (
     LabelledResponse,
     Messages,
     fingerprint,
-    hub_records,
     load_datasets,
     prompt_key,
     read_records,
 )
 
-# name -> (hub data set, split, its config): the default source when no local file is given
+# name -> (hub data set repository, file in it): the default source when no local file is given;
+# None: no copy on the hub, a local file is needed
 BENCHMARKS = {
-    "alpaca_eval": ("tatsu-lab/alpaca_eval", "eval", "alpaca_eval"),
-    "mt_bench": ("HuggingFaceH4/mt_bench_prompts", "train", None),
-    "vicuna_bench": ("lmsys/vicuna_bench", "train", None),
+    "alpaca_eval": ("tatsu-lab/alpaca_eval", "alpaca_eval.json"),
+    "mt_bench": ("HuggingFaceH4/mt_bench_prompts", "raw/question.jsonl"),  # FastChat's question.jsonl, ids 81-160
+    "vicuna_bench": None,
 }
 PROMPT_SETS = ("heldout", *BENCHMARKS)
 
@@ -59,9 +59,23 @@ def load_prompts(name: str, *, path: str | None = None, run_config: DictConfig |
         return heldout_prompts(run_config)
     if name not in BENCHMARKS:
         raise DataError(f"prompts={name!r}: choose one of {', '.join(PROMPT_SETS)}")
-    records = read_records(Path(path)) if path else hub_records(*BENCHMARKS[name])
+    records = read_records(Path(path) if path else hub_file(name))
     convert = alpaca_prompt if name == "alpaca_eval" else bench_prompt
     return [convert(row, where, index) for index, (where, row) in enumerate(records)]
+
+
+def hub_file(name: str) -> Path:
+    """The prompt set's file from the Hugging Face hub (cached by huggingface_hub)."""
+    if BENCHMARKS[name] is None:
+        raise DataError(f"prompts={name}: no copy on the hub; give prompts_path=<FastChat's fastchat/llm_judge/data/{name}/question.jsonl>")
+    from huggingface_hub import hf_hub_download
+
+    repository, filename = BENCHMARKS[name]
+    try:
+        return Path(hf_hub_download(repository, filename, repo_type="dataset"))
+    except Exception as error:  # offline, moved, gated: many kinds
+        raise DataError(f"prompts={name}: {repository}/{filename} cannot be loaded from the hub ({type(error).__name__}); "
+                        "offline, give prompts_path=<a local copy>") from None
 
 
 def alpaca_prompt(row: Mapping, where: str, index: int) -> EvalPrompt:

@@ -97,6 +97,10 @@ def test_prompt_sets_from_local_files(tmp_path):
         load_prompts("mt_bench", path=str(bench))
     with pytest.raises(DataError, match="prompts=heldout: give the training run"):
         load_prompts("heldout")
+    with pytest.raises(DataError, match="mt_bench_prompts/raw/question.jsonl cannot be loaded from the hub .*give prompts_path"):
+        load_prompts("mt_bench")  # the tests run offline
+    with pytest.raises(DataError, match="prompts=vicuna_bench: no copy on the hub; give prompts_path"):
+        load_prompts("vicuna_bench")
 
 
 def test_heldout_prompts_once_each_with_their_chosen_answer():
