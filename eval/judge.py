@@ -121,8 +121,7 @@ def make_judge(cfg: DictConfig):
     if name in ("openai", "hf"):
         check.choice("protocol", PROTOCOLS)
     if name == "openai":
-        for key in ("max_retries",):
-            check.whole(f"openai.{key}", low=0)
+        check.whole("openai.max_retries", low=0)
         check.whole("openai.concurrency")
         check.positive("openai.timeout")
         check.number("openai.backoff", 0.0)
@@ -130,12 +129,8 @@ def make_judge(cfg: DictConfig):
         raise ConfigError("\n".join(check.problems))
     if name == "rules":
         return RulesJudge()
-    rules = protocol(cfg.protocol, cfg.seed, cfg.judge_prompts)
-    if name == "openai":
-        backend = OpenAIBackend(**cfg.openai)
-    else:
-        backend = HFBackend(cfg.hf.model, cfg.cache_dir)
-    return ModelJudge(rules, backend)
+    backend = OpenAIBackend(**cfg.openai) if name == "openai" else HFBackend(cfg.hf.model, cfg.cache_dir)
+    return ModelJudge(protocol(cfg.protocol, cfg.seed, cfg.judge_prompts), backend)
 
 
 def default_output(responses: Path, baseline: str, judge) -> Path:
