@@ -287,3 +287,47 @@ def test_simpo_parity_with_trl_cpo(beta, gamma_beta_ratio):
     assert float(ours) == pytest.approx(float(losses.mean()), rel=1e-10)
     torch.testing.assert_close(chosen_rewards, trl_chosen)
     torch.testing.assert_close(rejected_rewards, trl_rejected)
+
+
+GROUPED = [("rpo", "paper"), ("rpo_uniform", "paper"), ("rpo_uniform", "official"), ("rpo_diagonal", "paper"),
+           ("rpo_diagonal", "official"), ("rpo_simpo", "paper")]
+
+
+@pytest.mark.parametrize(("name", "compat"), GROUPED)
+@pytest.mark.parametrize("with_margin", [False, True])
+def test_groups_of_8_over_64_pairs_are_eight_separate_losses_averaged(name, compat, with_margin):
+    """The papers' per-GPU matrices: 64 pairs on 8 GPUs are eight 8 x 8 losses, averaged over GPUs."""
+    cfg = {**PRESET_CONFIGS[name], "compat": compat, **({"sr_lambda": 0.5, "sr_delta": "naive"} if with_margin else {})}
+    x = batch(64, 64, seed=11)
+    margin = torch.linspace(-1, 1, 64, dtype=torch.float64) if with_margin else None
+    leaves = {key: x[key].clone().requires_grad_() for key in ("policy_chosen_logps", "policy_rejected_logps")}
+    group = torch.arange(64) // 8
+    grouped = preference_loss(**{**x, **leaves}, cfg=cfg, margin=margin, groups=(group, group))[0]
+    grouped.backward()
+    separate_leaves = {key: x[key].clone().requires_grad_() for key in leaves}
+    parts = []
+    for k in range(8):
+        part = slice(8 * k, 8 * k + 8)
+        inputs = {key: value[part] for key, value in {**x, **separate_leaves}.items()}
+        parts.append(preference_loss(**inputs, cfg=cfg, margin=None if margin is None else margin[part])[0])
+    separate = torch.stack(parts).mean()
+    separate.backward()
+    assert float(grouped) == pytest.approx(float(separate), rel=1e-12)
+    for key in leaves:
+        torch.testing.assert_close(leaves[key].grad, separate_leaves[key].grad, rtol=1e-12, atol=1e-15)
+    whole = preference_loss(**x, cfg=cfg, margin=margin)[0]
+    assert abs(float(whole) - float(grouped)) > 1e-6  # one 64 x 64 matrix is another loss
+    one_group = torch.zeros(64, dtype=torch.long)
+    assert float(preference_loss(**x, cfg=cfg, margin=margin, groups=(one_group, one_group))[0]) == pytest.approx(float(whole), rel=1e-12)
+
+
+def test_unpaired_groups_and_a_group_with_one_side_only():
+    cfg = PRESET_CONFIGS["rpo_unpaired"]
+    x = batch(5, 7, seed=2)
+    chosen_groups, rejected_groups = torch.tensor([0, 0, 1, 1, 1]), torch.tensor([0, 0, 0, 1, 1, 1, 1])
+    grouped = preference_loss(**x, cfg=cfg, groups=(chosen_groups, rejected_groups))[0]
+    first = preference_loss(**{k: (v[:2] if "chosen" in k else v[:3]) for k, v in x.items()}, cfg=cfg)[0]
+    second = preference_loss(**{k: (v[2:] if "chosen" in k else v[3:]) for k, v in x.items()}, cfg=cfg)[0]
+    assert float(grouped) == pytest.approx((float(first) + float(second)) / 2, rel=1e-12)
+    with pytest.raises(ValueError, match="contrast group 2 has 0 chosen and 1 rejected responses; a group needs both"):
+        preference_loss(**x, cfg=cfg, groups=(chosen_groups, torch.tensor([0, 0, 0, 1, 1, 1, 2])))

@@ -251,6 +251,7 @@ def preference_loss(
     chosen_embeddings: torch.Tensor | None = None,
     rejected_embeddings: torch.Tensor | None = None,
     margin: torch.Tensor | None = None,
+    groups: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The loss of a batch of M chosen and N rejected responses, and their rewards.
 
@@ -263,6 +264,10 @@ def preference_loss(
         chosen_lengths, rejected_lengths: response token counts, [M] and [N].
         chosen_embeddings, rejected_embeddings: prompt embeddings, [M, d] and [N, d] (RPO).
         margin: [M] a detached margin per chosen response, scaled by `sr_lambda` (self-refinement).
+        groups: the contrast group of each chosen [M] and rejected [N] response (a weighting that
+            contrasts across examples): the matrix is block-diagonal, each group contrasted as
+            if it were a batch of its own, and the loss is the mean of the groups' losses (the
+            papers' per-GPU matrices, averaged over GPUs). None: one matrix over everything.
 
     Returns:
         The scalar loss and the (detached) rewards of the chosen [M] and rejected [N] responses.
@@ -282,15 +287,46 @@ def preference_loss(
                 f"loss {spec.name!r} pairs chosen and rejected responses of the same prompt: got {rows} chosen and {columns} rejected"
             )
         losses = link_losses(spec, (chosen_rewards - rejected_rewards).unsqueeze(1), shift)
+        loss = losses.mean()
+    elif groups is None:
+        loss = contrast_loss(spec, chosen_rewards, rejected_rewards, shift, chosen_embeddings, rejected_embeddings)
     else:
-        contrast = chosen_rewards.unsqueeze(1) - rejected_rewards.unsqueeze(0)
-        weights = contrast_weights(spec, contrast, chosen_embeddings, rejected_embeddings)
-        if spec.weighting == "diagonal_emphasis" and spec.compat == "official":
-            # the official code weights each row's pair losses (alpha on the diagonal) and sums them
-            losses = (weights * link_losses(spec, contrast, shift)).sum(dim=1)
-        else:
-            losses = link_losses(spec, weights * contrast, shift)
-    return losses.mean(), chosen_rewards.detach(), rejected_rewards.detach()
+        group_losses = []
+        for in_rows, in_columns in group_members(groups):
+            embeddings = (None, None) if chosen_embeddings is None else (chosen_embeddings[in_rows], rejected_embeddings[in_columns])
+            group_losses.append(contrast_loss(spec, chosen_rewards[in_rows], rejected_rewards[in_columns], shift[in_rows], *embeddings))
+        loss = torch.stack(group_losses).mean()
+    return loss, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def contrast_loss(
+    spec: LossSpec,
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    shift: torch.Tensor,
+    chosen_embeddings: torch.Tensor | None,
+    rejected_embeddings: torch.Tensor | None,
+) -> torch.Tensor:
+    """The mean loss of one M x N contrast matrix of a weighting other than `diagonal`."""
+    contrast = chosen_rewards.unsqueeze(1) - rejected_rewards.unsqueeze(0)
+    weights = contrast_weights(spec, contrast, chosen_embeddings, rejected_embeddings)
+    if spec.weighting == "diagonal_emphasis" and spec.compat == "official":
+        # the official code weights each row's pair losses (alpha on the diagonal) and sums them
+        return (weights * link_losses(spec, contrast, shift)).sum(dim=1).mean()
+    return link_losses(spec, weights * contrast, shift).mean()
+
+
+def group_members(groups: tuple[torch.Tensor, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(chosen rows, rejected columns) of each contrast group, in the order of the group ids."""
+    chosen_groups, rejected_groups = groups
+    members = []
+    for group in torch.unique(torch.cat([chosen_groups, rejected_groups])).tolist():
+        rows, columns = chosen_groups == group, rejected_groups == group
+        if not rows.any() or not columns.any():
+            raise ValueError(f"contrast group {group} has {int(rows.sum())} chosen and {int(columns.sum())} rejected responses; "
+                             "a group needs both")
+        members.append((rows, columns))
+    return members
 
 
 def kto_loss(
