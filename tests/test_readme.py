@@ -54,10 +54,12 @@ def composed(arguments: list[str]):
 
 def shrinking(arguments: list[str]) -> list[str]:
     """One optimizer step per stage (a partial batch of the few examples: the batch size, and so
-    the fitted micro-batch, stay the command's own), one held-out batch per evaluation."""
+    the fitted micro-batch, stay the command's own), one held-out batch per evaluation, short
+    answers for the evaluation after training."""
     cfg = composed(arguments)
     evaluated, step = min(FEW_EXAMPLES, cfg.train.eval_batch_size), min(FEW_EXAMPLES, cfg.train.batch_size)
-    overrides = [f"sft.max_examples={step}", f"align.max_examples={step}", f"train.max_eval_examples={evaluated}"]
+    overrides = [f"sft.max_examples={step}", f"align.max_examples={step}", f"train.max_eval_examples={evaluated}",
+                 "eval.generation.max_new_tokens=8"]  # the demo's judged answers after training: short ones
     for name in cfg.datasets:
         if name == "demo":
             overrides += [f"datasets.demo.train_size={FEW_EXAMPLES}", f"datasets.demo.test_size={evaluated}"]
@@ -112,5 +114,7 @@ def test_readme_command_runs_as_written(command, runs):
     assert result.stdout.count("Final model: ") == sweep_jobs(shlex.split(command)), result.stdout[-3000:]
     fitted = re.findall(r"(?:sft|align): micro-batch (\d+) of train.batch_size=(\d+)", result.stdout)
     assert fitted, result.stdout[-3000:]  # the default micro_batch_size=auto fitted each stage, and said so
-    batch_size = composed(shlex.split(command)[2:]).train.batch_size
-    assert all(int(batch) == batch_size and 1 <= int(micro) <= batch_size for micro, batch in fitted)
+    cfg = composed(shlex.split(command)[2:])
+    assert all(int(batch) == cfg.train.batch_size and 1 <= int(micro) <= cfg.train.batch_size for micro, batch in fitted)
+    if list(cfg.datasets) == ["demo"]:  # the demo's answers are judged after training, as the README shows
+        assert result.stdout.count(" vs chosen (rules judge, 4 held-out prompts): win rate ") >= sweep_jobs(shlex.split(command))
