@@ -312,11 +312,11 @@ def test_groups_of_8_over_64_pairs_are_eight_separate_losses_averaged(name, comp
         parts.append(preference_loss(**inputs, cfg=cfg, margin=None if margin is None else margin[part])[0])
     separate = torch.stack(parts).mean()
     separate.backward()
-    assert float(grouped) == pytest.approx(float(separate), rel=1e-12)
+    assert grouped.item() == pytest.approx(separate.item(), rel=1e-12)
     for key in leaves:
         torch.testing.assert_close(leaves[key].grad, separate_leaves[key].grad, rtol=1e-12, atol=1e-15)
     whole = preference_loss(**x, cfg=cfg, margin=margin)[0]
-    assert abs(float(whole) - float(grouped)) > 1e-6  # one 64 x 64 matrix is another loss
+    assert abs(float(whole) - grouped.item()) > 1e-6  # one 64 x 64 matrix is another loss
     one_group = torch.zeros(64, dtype=torch.long)
     assert float(preference_loss(**x, cfg=cfg, margin=margin, groups=(one_group, one_group))[0]) == pytest.approx(float(whole), rel=1e-12)
 
