@@ -43,6 +43,7 @@ from trainers import trainer_class
 from trainers.basic import BasicTrainer, MetricsLog, NonFiniteLoss, Stopped
 from trainers.losses import LossSpec
 from utils import (
+    EXIT_BAD_INPUT,
     ConfigError,
     ModelResolutionError,
     StopSignals,
@@ -53,6 +54,7 @@ from utils import (
     is_main_process,
     main_process_first,
     on_main_process,
+    print_errors,
     rank,
     resolve_model_path,
     seed_everything,
@@ -60,7 +62,6 @@ from utils import (
     world_size,
 )
 
-EXIT_BAD_INPUT = 2  # a config, data or model-name problem: the run did not start
 EXIT_STOPPED = 75  # a stop signal was honoured after a checkpoint: resume later (EX_TEMPFAIL, "try again")
 EXIT_FAILED = 1  # a training failure (a non-finite loss): the last checkpoint is intact
 
@@ -441,8 +442,7 @@ def main(cfg: DictConfig) -> None:
         if show_traceback(cfg):
             raise
         discard_stray_output(output_dir, None)  # a start that failed leaves no empty run folder
-        for line in str(error).splitlines():
-            print(f"error: {line}", file=sys.stderr)
+        print_errors(error)
         sys.exit(EXIT_FAILED if isinstance(error, NonFiniteLoss) else EXIT_BAD_INPUT)
 
 

@@ -42,6 +42,26 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message names the key."""
 
 
+EXIT_BAD_INPUT = 2  # a refused config, data file or model name
+
+
+def print_errors(error: BaseException) -> None:
+    """An error as the commands report it: `error: <line>` per line of its message, on stderr."""
+    for line in str(error).splitlines():
+        print(f"error: {line}", file=sys.stderr)
+
+
+@contextmanager
+def exit_on(*kinds: type[BaseException]) -> Iterator[None]:
+    """A command's refusal: an error of `kinds` is printed (`print_errors`) and ends the process
+    with exit code 2 instead of a traceback."""
+    try:
+        yield
+    except kinds as error:
+        print_errors(error)
+        sys.exit(EXIT_BAD_INPUT)
+
+
 UNSET = object()
 
 

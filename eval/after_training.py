@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig
 
 from eval.judge import judge_files
 from eval.judges import RulesJudge
 from eval.prompts import heldout_prompts
-from eval.sampling import GenerationSettings, hf_generator, sample
+from eval.sampling import GenerationSettings, hf_generator, load_chat_model, sample
 from eval.stats import describe
 
 DEMO_LOADERS = ("demo",)
@@ -39,18 +38,15 @@ def evaluate_run(cfg: DictConfig, run_dir: Path, stages: list[str]) -> dict | No
     mode = judge_mode(cfg)
     if mode is None:
         return None
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     prompts = heldout_prompts(cfg)
     settings = GenerationSettings(**cfg.eval.generation)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     samples = {}
     for stage in stages:
         final = run_dir / stage / "final"
-        model = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).to(device)
+        model, tokenizer = load_chat_model(final)
         meta = {"checkpoint": str(final), "model": None, "prompt_set": "heldout", "prompts_path": None, "run": str(run_dir)}
         print(f"Sampling {len(prompts)} held-out prompts from the {stage} model")
-        samples[stage] = sample(prompts, hf_generator(model, AutoTokenizer.from_pretrained(final)), settings,
+        samples[stage] = sample(prompts, hf_generator(model, tokenizer), settings,
                                 run_dir / "samples" / f"{stage}_heldout", meta)
         del model
     matches = [(stage, "chosen") for stage in reversed(stages)]

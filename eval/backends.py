@@ -56,15 +56,12 @@ class HFBackend:
     name = "hf"
 
     def __init__(self, model: str, cache_dir: str | None = None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
+        from eval.sampling import load_chat_model
         from utils import resolve_model_path
 
         self.model_name = model
         source = model if os.path.isdir(model) else resolve_model_path(model, cache_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(source)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = AutoModelForCausalLM.from_pretrained(source).to(device).eval()
+        self.model, self.tokenizer = load_chat_model(source, dtype="auto")  # the judge's own dtype
 
     def complete(self, messages: Messages, max_tokens: int) -> str:
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from omegaconf import DictConfig
 from eval.prompts import EvalPrompt, load_prompts
 from eval.sampling import META, read_samples
 from preference_datasets import DataError
-from utils import ConfigError, atomic_write_text
+from utils import ConfigError, atomic_write_text, exit_on
 
 FORMATS = {"alpaca_eval": "alpaca_eval", "mt_bench": "fastchat", "vicuna_bench": "fastchat"}
 
@@ -79,14 +78,10 @@ def export(samples: Path, generator: str, output: Path | None = None) -> Path:
 
 @hydra.main(config_path="../config", config_name="eval/export", version_base=None)
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on(ConfigError, DataError, OSError):
         if not cfg.samples or not cfg.generator:
             raise ConfigError("samples and generator: give a samples.jsonl and the name the benchmark shows for the model")
         path = export(Path(cfg.samples), str(cfg.generator), Path(cfg.output) if cfg.output else None)
-    except (ConfigError, DataError, OSError) as error:
-        for line in str(error).splitlines():
-            print(f"error: {line}", file=sys.stderr)
-        sys.exit(2)
     print(f"Exported: {path}")
 
 

@@ -13,7 +13,6 @@ keeps the judgements already made and asks again only those that ended in an err
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,7 +27,7 @@ from eval.protocols import protocol
 from eval.sampling import read_samples
 from eval.stats import describe, summarize
 from preference_datasets import DataError
-from utils import Checker, ConfigError, atomic_write_text, text_fingerprint
+from utils import Checker, ConfigError, atomic_write_text, exit_on, text_fingerprint
 
 JUDGES = ("rules", "openai", "hf")
 PROTOCOLS = ("rpo_dialogue", "rpo_summary", "mt_bench_pair")
@@ -142,17 +141,13 @@ def default_output(responses: Path, baseline: str, judge) -> Path:
 
 @hydra.main(config_path="../config", config_name="eval/judge", version_base=None)
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on(ConfigError, DataError, OSError):
         if not cfg.responses or not cfg.baseline:
             raise ConfigError("responses and baseline: give a samples file and what to compare it with (a samples file or chosen)")
         responses = Path(cfg.responses)
         judge = make_judge(cfg)
         output = Path(cfg.output_dir) if cfg.output_dir else default_output(responses, str(cfg.baseline), judge)
         summary = judge_files(responses, cfg.baseline, judge, output)
-    except (ConfigError, DataError, OSError) as error:
-        for line in str(error).splitlines():
-            print(f"error: {line}", file=sys.stderr)
-        sys.exit(2)
     print(f"{responses} vs {cfg.baseline} ({judge.name} judge): {describe(summary)}")
     print(f"Judgements: {output / JUDGEMENTS}; summary: {output / RESULT}")
 

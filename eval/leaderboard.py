@@ -13,16 +13,15 @@ files (`include_path`) run offline.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
 from eval.sample import Answerer, answerer
+from eval.sampling import inference_device
 from preference_datasets import DataError
-from utils import Checker, ConfigError, atomic_write_text, resolve_model_path
+from utils import Checker, ConfigError, atomic_write_text, exit_on, resolve_model_path
 
 
 def metric_key(result: dict, metric: str) -> str:
@@ -39,8 +38,7 @@ def run_tasks(model_path: str, tasks: dict, include_path: str | None, limit: int
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = HFLM(pretrained=model_path, batch_size=batch_size, device=device)
+    model = HFLM(pretrained=model_path, batch_size=batch_size, device=inference_device())
     manager = TaskManager(include_path=include_path)
     rows = []
     for name, spec in tasks.items():
@@ -105,12 +103,8 @@ def run(cfg: DictConfig) -> Path:
 
 @hydra.main(config_path="../config", config_name="eval/leaderboard", version_base=None)
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on(ConfigError, DataError):
         folder = run(cfg)
-    except (ConfigError, DataError) as error:
-        for line in str(error).splitlines():
-            print(f"error: {line}", file=sys.stderr)
-        sys.exit(2)
     print(f"Leaderboard: {folder / 'leaderboard.md'}")
 
 

@@ -10,18 +10,16 @@ Writes `samples.jsonl` and `meta.json` (eval/sampling.py) and prints where.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from eval.prompts import PROMPT_SETS, load_prompts
-from eval.sampling import GenerationSettings, check_generation, hf_generator, sample, vllm_generator
+from eval.sampling import GenerationSettings, check_generation, hf_generator, inference_device, load_chat_model, sample, vllm_generator
 from preference_datasets import DataError
-from utils import Checker, ConfigError, ModelResolutionError, resolve_model_path, seed_everything
+from utils import Checker, ConfigError, ModelResolutionError, exit_on, resolve_model_path, seed_everything
 
 BACKENDS = ("hf", "vllm")
 
@@ -66,16 +64,12 @@ def check(cfg: DictConfig) -> GenerationSettings:
 def load_answering_model(cfg: DictConfig, source: Answerer):
     """The model and tokenizer: the checkpoint folder's (the trainer saves the tokenizer with it), or
     the config model's, loaded the way training loads it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     import train
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     if source.folder is not None:
-        model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=torch.float32)
-        return model.to(device), AutoTokenizer.from_pretrained(source.folder)
+        return load_chat_model(source.folder)
     tokenizer = train.load_tokenizer(cfg)
-    return train.load_policy(cfg, tokenizer).to(device), tokenizer
+    return train.load_policy(cfg, tokenizer).to(inference_device()), tokenizer
 
 
 def model_folder(cfg: DictConfig, source: Answerer) -> str:
@@ -112,12 +106,8 @@ def run(cfg: DictConfig) -> Path:
 
 @hydra.main(config_path="../config", config_name="eval/sample", version_base=None)
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on(ConfigError, DataError, ModelResolutionError):
         path = run(cfg)
-    except (ConfigError, DataError, ModelResolutionError) as error:
-        for line in str(error).splitlines():
-            print(f"error: {line}", file=sys.stderr)
-        sys.exit(2)
     print(f"Samples: {path}")
 
 

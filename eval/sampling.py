@@ -74,6 +74,18 @@ def hf_generator(model: torch.nn.Module, tokenizer) -> Generate:
     return generate
 
 
+def inference_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_chat_model(source: str | Path, dtype: torch.dtype | str = torch.float32):
+    """A Hugging Face model folder's model (on the inference device, in eval mode) and tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(inference_device()).eval()
+    return model, AutoTokenizer.from_pretrained(source)
+
+
 def vllm_generator(model_path: str) -> Generate:
     """vLLM (GPUs; `pip install vllm`, imported only here) with the same chat template, settings and
     output as `hf_generator`; each batch's seed (set by `answer_batch`) seeds its requests."""
