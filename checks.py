@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from eval.after_training import demo_only
+from eval.after_training import AFTER_TRAINING, demo_only
 from eval.sampling import check_generation
 from preference_datasets import BalancedSampler, LabelledResponse
 from trainers import TRAINERS
@@ -25,7 +25,8 @@ from utils import Checker, ConfigError
 
 DTYPES = ("float32", "bfloat16")  # float16 would need loss scaling, which no trainer does
 MIXED_PRECISION = ("auto", "bf16", "fp32")
-AFTER_TRAINING = ("auto", "rules", "none")
+
+
 def processes() -> int:
     """The processes this launch trains in (torchrun's WORLD_SIZE; 1 otherwise)."""
     return int(os.environ.get("WORLD_SIZE", "1"))

@@ -19,6 +19,7 @@ from eval.sampling import GenerationSettings, hf_generator, load_chat_model, sam
 from eval.stats import describe
 
 DEMO_LOADERS = ("demo",)
+AFTER_TRAINING = ("auto", "rules", "none")  # eval.after_training
 
 
 def demo_only(cfg: DictConfig) -> bool:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from eval.backends import HFBackend, OpenAIBackend
 from eval.judges import Comparison, JudgeError, Judgement, ModelJudge, RulesJudge
 from eval.protocols import protocol
-from eval.sampling import read_samples
+from eval.sampling import read_samples, refuse_other_setting
 from eval.stats import describe, summarize
 from preference_datasets import DataError
 from utils import Checker, ConfigError, atomic_write_text, exit_on, text_fingerprint
@@ -101,10 +101,7 @@ def judge_files(responses: Path, baseline: str | Path, judge, output_dir: Path) 
     output_dir.mkdir(parents=True, exist_ok=True)
     against = "chosen" if str(baseline) == "chosen" else str(Path(baseline).resolve())
     setting = {"responses": str(Path(responses).resolve()), "baseline": against, **judge.settings}
-    if (output_dir / SETTING).exists() and (saved := json.loads((output_dir / SETTING).read_text())) != setting:
-        keys = dict.fromkeys([*saved, *setting])
-        differences = "; ".join(f"{key}: {saved.get(key)!r} -> {setting.get(key)!r}" for key in keys if saved.get(key) != setting.get(key))
-        raise ConfigError(f"{output_dir} holds another judging ({differences}): choose another output_dir")
+    refuse_other_setting(output_dir / SETTING, setting, "another judging")
     atomic_write_text(output_dir / SETTING, json.dumps(setting, indent=2))
     judgements = judge_all(pairs, judge, output_dir / JUDGEMENTS)
     summary = {"responses": str(responses), "baseline": str(baseline), "judge": judge.name,

@@ -13,7 +13,7 @@ exactly what an uninterrupted run would have, sampled or greedy.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -114,7 +114,7 @@ def sample(
     `output_dir/samples.jsonl`; batches already written are skipped. Returns the samples file."""
     output_dir.mkdir(parents=True, exist_ok=True)
     meta = {**meta, "generation": asdict(settings), "prompts": len(prompts)}
-    check_same_sampling(output_dir / META, meta)
+    refuse_other_setting(output_dir / META, meta, "samples of another setting", ("checkpoint", "model", "prompt_set", "generation"))
     atomic_write_text(output_dir / META, json.dumps(meta, indent=2))
     path = output_dir / SAMPLES
     done = written_ids(path)
@@ -171,15 +171,16 @@ def written_ids(path: Path) -> set[str]:
     return {json.loads(line)["id"] for line in complete}
 
 
-def check_same_sampling(meta_path: Path, meta: dict) -> None:
-    """A folder holds one model's answers under one set of settings: refuse to mix in another's."""
-    if not meta_path.exists():
+def refuse_other_setting(record: Path, setting: Mapping, what: str, keys: Sequence[str] | None = None) -> None:
+    """A folder holds the work of one setting (recorded in the JSON file `record`): refuse to mix in
+    another's, naming each difference of `keys` (all the keys of both by default)."""
+    if not record.exists():
         return
-    saved = json.loads(meta_path.read_text())
-    keys = ("checkpoint", "model", "prompt_set", "generation")
-    differences = [f"{key}: {saved.get(key)!r} -> {meta.get(key)!r}" for key in keys if saved.get(key) != meta.get(key)]
+    saved = json.loads(record.read_text())
+    compared = keys or dict.fromkeys([*saved, *setting])
+    differences = [f"{key}: {saved.get(key)!r} -> {setting.get(key)!r}" for key in compared if saved.get(key) != setting.get(key)]
     if differences:
-        raise ConfigError(f"{meta_path.parent} holds samples of another setting ({'; '.join(differences)}): choose another output_dir")
+        raise ConfigError(f"{record.parent} holds {what} ({'; '.join(differences)}): choose another output_dir")
 
 
 def read_samples(path: Path) -> dict[str, dict]:
