@@ -393,7 +393,7 @@ def load_hub_dataset(hub_name: str, *args: object, **kwargs: object):
         ) from None
 
 
-def hub_records(hub_name: str, split: str, config: str | None = None) -> list[Record]:
+def _hub_records(hub_name: str, split: str, config: str | None = None) -> list[Record]:
     rows = load_hub_dataset(hub_name, config, split=split)
     origin = "/".join(part for part in (hub_name, config, split) if part)
     return [(f"{origin}, row {number}", row) for number, row in enumerate(rows, start=1)]
@@ -509,7 +509,7 @@ def load_ultrafeedback(options: Mapping) -> dict[str, list[Example]]:
     """UltraFeedback binarized: the hub's `train_prefs` / `test_prefs`, or a local folder holding
     `{train,test}.jsonl` or `.jsonl.gz` (../shared/data/ultrafeedback-binarized: flat strings)."""
     if not options.get("path"):
-        records = {split: hub_records(options["hub_name"], f"{split}_prefs") for split in SPLITS}
+        records = {split: _hub_records(options["hub_name"], f"{split}_prefs") for split in SPLITS}
         return _build("ultrafeedback", records, ultrafeedback_pair, options, options["hub_name"])
     root = _folder("ultrafeedback", options["path"])
     files = {split: [file for file in (root / f"{split}.jsonl", root / f"{split}.jsonl.gz") if file.is_file()] for split in SPLITS}
@@ -524,7 +524,7 @@ def _load_unpaired(name: str, options: Mapping) -> dict[str, list[Example]]:
     if options.get("path"):
         path = Path(options["path"]).expanduser()
         return _build(name, {"train": read_records(path), "test": []}, labelled_response, options, str(path))
-    records = {"train": hub_records(options["hub_name"], "train"), "test": []}
+    records = {"train": _hub_records(options["hub_name"], "train"), "test": []}
     return _build(name, records, labelled_response, options, options["hub_name"])
 
 
@@ -561,7 +561,7 @@ def load_tldr(options: Mapping) -> dict[str, list[Example]]:
     if options.get("path"):
         root = _folder("tldr", options["path"])
         return _build("tldr", _tldr_local_records(root), tldr_pair, options, str(root))
-    records = {split: hub_records(options["hub_name"], hub_split, "comparisons") for split, hub_split in TLDR_HUB_SPLITS.items()}
+    records = {split: _hub_records(options["hub_name"], hub_split, "comparisons") for split, hub_split in TLDR_HUB_SPLITS.items()}
     return _build("tldr", records, tldr_pair, options, options["hub_name"])
 
 
