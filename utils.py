@@ -348,7 +348,8 @@ def response_logps(
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     targets = labels[:, 1:]
     rows, cols = (targets != -100).nonzero(as_tuple=True)
-    logits = model.get_output_embeddings()(hidden[:, :-1][rows, cols]).float()
+    logits = model.get_output_embeddings()(hidden[:, :-1][rows, cols])
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32 at least, float64 kept
     softcap = getattr(model.config, "final_logit_softcapping", None)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap

@@ -2,7 +2,7 @@
 
 A trainer runs one stage of a run (`sft` or `align`). The loss comes from the config
 (`trainers/losses.py`); trainers differ only by how they run, so a subclass overrides how the
-model is wrapped (`wrap_model`), how batches are split (`split_sides`, `assigned`, `gather`), how
+model is wrapped (`wrap_model`), how batches are split (`split_sides`, `assigned`, `gather`, `rank`), how
 metrics are reduced (`sum_over_processes`, `merge`) and how checkpoints are written
 (`exported_state`, `save_training_state`, `load_training_state`): `trainers/fsdp.py`.
 """
@@ -136,6 +136,27 @@ def cast_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], d
     return cast
 
 
+def merge_values(values: Sequence) -> object:
+    """Per-sequence values of several micro-batches (or processes) as one: tensors concatenated,
+    pairs of tensors pairwise, None kept."""
+    first = values[0]
+    if first is None:
+        return None
+    if isinstance(first, tuple):
+        return tuple(torch.cat(parts) for parts in zip(*values, strict=True))
+    return torch.cat(values)
+
+
+def to_device(values: Mapping, device: torch.device) -> dict:
+    """`merge_values`'s dict with every tensor on `device` (plain CPU tensors travel between processes)."""
+    def move(value):
+        if isinstance(value, tuple):
+            return tuple(part.to(device) for part in value)
+        return None if value is None else value.to(device)
+
+    return {key: move(value) for key, value in values.items()}
+
+
 Stats = dict[str, tuple[float, float]]  # name -> (mean over a batch, what it averages: pairs, tokens, ...)
 
 
@@ -228,6 +249,8 @@ class BasicTrainer:
         warmup = self.stage_cfg.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
         self.step = self.examples = self.checkpointed_at = self.skipped_nonfinite = 0
+        self.contrast_path: str | None = None  # one_pass | gradient_caching, once the first step chose
+        self.contrast_note = ""
 
     def compute_precision(self) -> torch.dtype:
         """The dtype of the forward and backward passes: `model.dtype`. The trained parameters and
@@ -313,11 +336,20 @@ class BasicTrainer:
 
     def accumulation_for(self, micro_batch: int) -> int:
         """Accumulation steps that keep every process's micro-batches at most `micro_batch` examples
-        (and, over several processes, split the batch evenly: FSDP's processes run equal parts)."""
-        batch = self.cfg.train.batch_size
-        steps = math.ceil(batch / (micro_batch * self.world_size))
-        while self.world_size > 1 and batch % (steps * self.world_size) and steps * self.world_size < batch:
+        (and, over several processes, split the batch evenly: FSDP's processes run equal parts).
+        A micro-batch that can hold a contrast group gets whole groups when more steps allow it, so
+        that the one-pass path runs instead of gradient caching."""
+        batch, processes = self.cfg.train.batch_size, self.world_size
+        steps = math.ceil(batch / (micro_batch * processes))
+        while processes > 1 and batch % (steps * processes) and steps * processes < batch:
             steps += 1
+        group = self.loss.contrast_group if self.stage == "align" and self.loss.contrasts_across_examples else None
+        if group and group <= micro_batch:
+            groups = math.ceil(batch / group) if self.paired else batch // group
+            for candidate in range(steps, groups // processes + 1):
+                even = processes == 1 or batch % (candidate * processes) == 0
+                if groups % (candidate * processes) == 0 and even and groups // (candidate * processes) * group <= micro_batch:
+                    return candidate
         return steps
 
     def smallest_micro_batch(self) -> int:
@@ -385,8 +417,6 @@ class BasicTrainer:
                 f"estimated peak {plan.estimate_gb} GB of a {plan.budget_gb} GB budget "
                 f"({plan.base_gb} GB held + {plan.per_example_gb} GB per example; train.memory_budget={self.cfg.train.memory_budget})"
             )
-            if plan.accumulation_steps > 1 and self.loss.contrasts_across_examples:
-                print(f"{self.stage}: note: {self.loss.name}'s contrast matrix spans one micro-batch, not the whole batch")
         return plan
 
     def probe_peak(self, indices: Sequence[int]) -> int | None:
@@ -611,59 +641,40 @@ class BasicTrainer:
 
     # ----------------------------------------------------------------------------- losses
 
-    def batch_loss(self, batch: Mapping, split: str) -> tuple[torch.Tensor, Stats]:
-        """The batch's loss and its statistics: each a mean over the batch, with what it averages."""
+    def batch_loss(self, batch: Mapping, split: str, groups: Sequence[int] | None = None) -> tuple[torch.Tensor, Stats]:
+        """The batch's loss and its statistics: each a mean over the batch, with what it averages.
+        `groups`: the contrast group of each example of the batch (None: one group)."""
         logps, counts = self.logps(self.policy, batch)
         if self.stage == "sft":
             return sft_loss(logps, counts), {"logps/chosen": (logps.mean().item(), len(logps))}
-        return self.objective(logps, counts, batch, split)
+        return self.objective(logps, counts, batch, split, groups)
 
-    def objective(self, logps: torch.Tensor, counts: torch.Tensor, batch: Mapping, split: str) -> tuple[torch.Tensor, Stats]:
+    def objective(
+        self, logps: torch.Tensor, counts: torch.Tensor, batch: Mapping, split: str, groups: Sequence[int] | None = None
+    ) -> tuple[torch.Tensor, Stats]:
         """The configured loss from the policy log-probs of the batch's sequences, and its statistics,
-        each with its weight: how many pairs (or responses, or response pairs) it is a mean over.
-
-        Every per-response quantity passes through `gather`, so a contrast matrix spans the whole
-        batch even when each process holds a part of it.
-        """
-        reference_first, reference_second = self.reference_batch_logps(batch, split)
-        stats: Stats = {}
-        margin = None
-        if self.loss.self_refined:
-            margin = self.gather(self.self_refinement_margin(logps, counts, (reference_first, reference_second), batch, split), split)
-            stats["sr/delta_mean"] = (margin.mean().item(), len(margin))
-            stats["sr/delta_squared"] = (margin.square().mean().item(), len(margin))  # becomes sr/delta_std
-            if self.loss.refines_on_augmented:  # naive: the margin comes from x itself, as rewards/accuracy
-                stats["sr/accuracy_augmented"] = ((margin > 0).float().mean().item(), len(margin))  # the policy's judgement on p + x
+        each with its weight: how many pairs (or responses, or response pairs) it is a mean over."""
         if self.kto:
-            with torch.no_grad():
-                policy_kl_logps = self.logps(self.policy, batch["mismatched"])[0]
-            items = [self.gather(values, split) for values in (logps, reference_first, batch["desirable"].to(self.device))]
-            kl_pairs = [self.gather(values, split) for values in (policy_kl_logps, reference_second)]
-            loss, item_rewards, kl = kto_loss(*items, *kl_pairs, self.loss)
-            item_logps, desirable = items[0], items[2]
-            chosen_rewards, rejected_rewards = item_rewards[desirable], item_rewards[~desirable]
-            chosen, rejected = item_logps[desirable], item_logps[~desirable]
-            stats["kl"] = (kl.item(), len(kl_pairs[0]))
-        else:
-            sides = self.contrast_sides(logps, counts, (reference_first, reference_second), batch, split)
-            chosen, rejected = sides["policy_chosen_logps"], sides["policy_rejected_logps"]
-            loss, chosen_rewards, rejected_rewards = preference_loss(**sides, cfg=self.loss, margin=margin)
-        # paired: each pair's own comparison; unpaired: every chosen response against every rejected one
-        wins = chosen_rewards > rejected_rewards if self.paired else chosen_rewards.unsqueeze(1) > rejected_rewards.unsqueeze(0)
-        responses = len(chosen) + len(rejected)
-        stats.update({
-            "rewards/chosen": (chosen_rewards.mean().item(), len(chosen)),
-            "rewards/rejected": (rejected_rewards.mean().item(), len(rejected)),
-            "rewards/accuracy": (wins.float().mean().item(), wins.numel()),
-            "rewards/margin": ((chosen_rewards.mean() - rejected_rewards.mean()).item(), responses),
-            "logps/chosen": (chosen.detach().mean().item(), len(chosen)),
-            "logps/rejected": (rejected.detach().mean().item(), len(rejected)),
-        })
-        return loss, stats
+            return self.kto_objective(logps, batch, split)
+        return self.contrast_objective(self.contrast_inputs(logps, counts, batch, split, groups))
 
-    def contrast_sides(self, logps: torch.Tensor, counts: torch.Tensor, reference: tuple, batch: Mapping, split: str) -> dict:
-        """`preference_loss`'s per-response arguments: chosen and rejected log-probs, reference
-        log-probs, lengths and embeddings, gathered over the batch."""
+    def kto_objective(self, logps: torch.Tensor, batch: Mapping, split: str) -> tuple[torch.Tensor, Stats]:
+        """KTO over the batch; under FSDP its items and KL pairs are gathered over every process, so
+        the reference point z0 and the mean are those of the whole batch."""
+        reference_logps, reference_kl_logps = self.reference_batch_logps(batch, split)
+        with torch.no_grad():
+            policy_kl_logps = self.logps(self.policy, batch["mismatched"])[0]
+        items = [self.gather(values, split) for values in (logps, reference_logps, batch["desirable"].to(self.device))]
+        kl_pairs = [self.gather(values, split) for values in (policy_kl_logps, reference_kl_logps)]
+        loss, item_rewards, kl = kto_loss(*items, *kl_pairs, self.loss)
+        item_logps, desirable = items[0], items[2]
+        stats = self.reward_stats(item_logps[desirable], item_logps[~desirable], item_rewards[desirable], item_rewards[~desirable])
+        return loss, {"kl": (kl.item(), len(kl_pairs[0])), **stats}
+
+    def contrast_inputs(self, logps: torch.Tensor, counts: torch.Tensor, batch: Mapping, split: str, groups: Sequence[int] | None) -> dict:
+        """`preference_loss`'s per-response arguments for the batch: policy and reference log-probs,
+        lengths, embeddings, the self-refinement margin and the contrast groups of each side."""
+        reference = self.reference_batch_logps(batch, split)
         if self.paired:
             desirable = None
             policy, lengths = logps.view(2, -1), counts.view(2, -1)
@@ -672,7 +683,7 @@ class BasicTrainer:
             desirable = batch["desirable"].to(self.device)
             policy, lengths = (logps[desirable], logps[~desirable]), (counts[desirable], counts[~desirable])
             references = (None, None) if reference[0] is None else (reference[0][desirable], reference[0][~desirable])
-        sides = {
+        inputs = {
             "policy_chosen_logps": policy[0],
             "policy_rejected_logps": policy[1],
             "reference_chosen_logps": references[0],
@@ -681,30 +692,122 @@ class BasicTrainer:
             "rejected_lengths": lengths[1],
             **self.batch_embeddings(batch, split, desirable),
         }
-        return {name: self.gather(values, split) for name, values in sides.items()}
+        if self.loss.self_refined:
+            inputs["margin"] = self.self_refinement_margin(logps, counts, reference, batch, split)
+        if groups is not None and self.loss.contrasts_across_examples:
+            ids = torch.tensor(list(groups), device=self.device)
+            inputs["groups"] = (ids, ids) if desirable is None else (ids[desirable], ids[~desirable])
+        return inputs
+
+    def contrast_objective(self, inputs: Mapping) -> tuple[torch.Tensor, Stats]:
+        """`preference_loss` of `contrast_inputs` and its statistics."""
+        loss, chosen_rewards, rejected_rewards = preference_loss(**inputs, cfg=self.loss)
+        stats = self.reward_stats(inputs["policy_chosen_logps"], inputs["policy_rejected_logps"], chosen_rewards, rejected_rewards)
+        margin = inputs.get("margin")
+        if margin is not None:
+            stats["sr/delta_mean"] = (margin.mean().item(), len(margin))
+            stats["sr/delta_squared"] = (margin.square().mean().item(), len(margin))  # becomes sr/delta_std
+            if self.loss.refines_on_augmented:  # naive: the margin comes from x itself, as rewards/accuracy
+                stats["sr/accuracy_augmented"] = ((margin > 0).float().mean().item(), len(margin))  # the policy's judgement on p + x
+        return loss, stats
+
+    def reward_stats(
+        self, chosen: torch.Tensor, rejected: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
+    ) -> Stats:
+        """Rewards, their accuracy and margin, and log-probs of the chosen and rejected responses."""
+        # paired: each pair's own comparison; unpaired: every chosen response against every rejected one
+        wins = chosen_rewards > rejected_rewards if self.paired else chosen_rewards.unsqueeze(1) > rejected_rewards.unsqueeze(0)
+        responses = len(chosen) + len(rejected)
+        return {
+            "rewards/chosen": (chosen_rewards.mean().item(), len(chosen)),
+            "rewards/rejected": (rejected_rewards.mean().item(), len(rejected)),
+            "rewards/accuracy": (wins.float().mean().item(), wins.numel()),
+            "rewards/margin": ((chosen_rewards.mean() - rejected_rewards.mean()).item(), responses),
+            "logps/chosen": (chosen.detach().mean().item(), len(chosen)),
+            "logps/rejected": (rejected.detach().mean().item(), len(rejected)),
+        }
+
+    # ----------------------------------------------------------------------------- contrast groups
+
+    def contrast_groups(self, examples: Sequence, indices: Sequence[int]) -> list[list[int]]:
+        """A batch's contrast groups (RPO's matrices): `loss.contrast_group` consecutive pairs each,
+        None one group; unpaired items are dealt into groups of at least that many, each with both
+        sides (fewer, larger groups when one side is too rare)."""
+        size = self.loss.contrast_group or len(indices)
+        if self.paired:
+            return [list(indices[start : start + size]) for start in range(0, len(indices), size)]
+        desirable = sum(examples[i].desirable for i in indices)
+        return self.balanced_parts(examples, indices, max(1, min(len(indices) // size, desirable, len(indices) - desirable)))
+
+    def grouped_order(self, examples: Sequence, indices: Sequence[int]) -> tuple[list[int], list[int]]:
+        """The batch's indices group after group (`contrast_groups`), and the group of each."""
+        groups = self.contrast_groups(examples, indices)
+        return [i for group in groups for i in group], [g for g, group in enumerate(groups) for _ in group]
+
+    def grouped_micro_batches(self, indices: Sequence[int], count: int) -> tuple[list[tuple[list[int], list[int]]], int, bool]:
+        """This process's `count` micro-batches of a batch, each (indices, contrast group of each), the
+        number of groups in the whole batch, and whether a group spans micro-batches or processes
+        (then `cached_gradients` computes the step). Micro-batches are dealt whole groups when the
+        groups divide evenly among them; otherwise the batch is split as `split_sides` would."""
+        order, groups = self.grouped_order(self.train_set, indices)
+        total = groups[-1] + 1
+        chunks = count * self.world_size  # micro-batch m of process r is chunk m * world_size + r
+        spans = total % chunks != 0
+        if not spans:
+            per = total // chunks
+            positions = [[p for p, group in enumerate(groups) if group // per == chunk] for chunk in range(chunks)]
+        elif self.paired:
+            positions = [chunk.tolist() for chunk in torch.tensor_split(torch.arange(len(order)), chunks)]
+        else:
+            positions = self.balanced_parts([self.train_set[i] for i in order], range(len(order)), chunks)
+        mine = [positions[m * self.world_size + self.rank] for m in range(count)]
+        return [([order[p] for p in part], [groups[p] for p in part]) for part in mine], total, spans
+
+    def cached_gradients(self, parts: Sequence[tuple[list[int], list[int]]]) -> tuple[float, Stats, int]:
+        """Gradient caching: the exact gradient of contrast groups that span micro-batches or
+        processes, at the memory of one micro-batch.
+
+        1. A no-grad forward of each micro-batch gives every sequence's log-prob (and the reference
+           log-probs, embeddings and self-refinement margins); under FSDP every process's are gathered.
+        2. The loss of the whole batch is computed from those scalars; autograd gives dL/dlogp per sequence.
+        3. Each micro-batch is run again with gradients (the same dropout masks: its RNG state is
+           restored) and `(dL/dlogp * logp).sum()` is backpropagated: the chain rule, one part at a time.
+
+        Returns the batch's loss, its statistics and this process's token count.
+        """
+        batches, states, inputs = [], [], []
+        with torch.no_grad():
+            for part, groups in parts:
+                batch = self.make_batch(self.train_set, part)
+                states.append(rng_state())
+                inputs.append(self.contrast_inputs(*self.logps(self.policy, batch), batch, "train", groups))
+                batches.append(batch)
+        local = {key: merge_values([values[key] for values in inputs]) for key in inputs[0]}
+        every = gather_objects(to_device(local, torch.device("cpu")))
+        merged = to_device({key: merge_values([values[key] for values in every]) for key in local}, self.device)
+        policy = [merged[f"policy_{side}_logps"].requires_grad_() for side in ("chosen", "rejected")]
+        loss, stats = self.contrast_objective(merged)
+        gradients = torch.autograd.grad(loss, policy)
+        # this process's slices of the gradients: after the earlier processes', micro-batch by micro-batch
+        starts = [sum(len(values[f"policy_{side}_logps"]) for values in every[: self.rank]) for side in ("chosen", "rejected")]
+        for number, (batch, state) in enumerate(zip(batches, states, strict=True), start=1):
+            set_rng_state(state)
+            logps, _ = self.logps(self.policy, batch)
+            desirable = None if self.paired else batch["desirable"].to(self.device)
+            sides = logps.view(2, -1) if desirable is None else (logps[desirable], logps[~desirable])
+            surrogate = 0
+            for side, (sequence_logps, start) in enumerate(zip(sides, starts, strict=True)):
+                surrogate = surrogate + (gradients[side][start : start + len(sequence_logps)] * sequence_logps).sum()
+                starts[side] += len(sequence_logps)
+            self.set_gradient_sync(number == len(batches))
+            (surrogate * self.world_size).backward()  # gradients are averaged over the processes
+        return loss.item(), stats, sum(int(batch["attention_mask"].sum()) for batch in batches)
 
     # ----------------------------------------------------------------------------- training
 
     def train_step(self, indices: Sequence[int]) -> dict[str, float]:
-        """One optimizer step on a batch, split into micro-batches (`micro_batch_count`).
-
-        Each micro-batch loss is weighted by its share of the batch, so the update equals that of
-        the whole batch in one pass for losses that do not couple examples (SFT, DPO, IPO, SimPO).
-        """
-        self.policy.train()
-        total_weight = self.example_weight([self.train_set[i] for i in indices])
-        means, tokens = WeightedMeans(), 0
-        parts = self.split_sides(indices, self.micro_batch_count(len(indices)))
-        for number, part in enumerate(parts, start=1):
-            batch = self.make_batch(self.train_set, part, with_rejected=self.stage != "sft")
-            tokens += int(batch["attention_mask"].sum())
-            self.set_gradient_sync(number == len(parts))
-            loss, stats = self.batch_loss(batch, "train")
-            weight = self.example_weight([self.train_set[i] for i in part])
-            # gradients are averaged over the processes: each carries its share of the whole batch
-            (loss * (weight / total_weight) * self.world_size).backward()
-            means.add({"loss": (loss.item(), weight), **stats})
-        record = means.result(self.sum_over_processes, tokens=tokens)
+        """One optimizer step on a batch: `accumulate_gradients`, clipping, the update."""
+        record = self.accumulate_gradients(indices)
         grad_norm = self.clip_gradients()
         learning_rate = self.scheduler.get_last_lr()[0]
         if math.isfinite(record["loss"]) and math.isfinite(grad_norm):
@@ -714,6 +817,54 @@ class BasicTrainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {**record, "lr": learning_rate, "grad_norm": grad_norm, "skipped_nonfinite": self.skipped_nonfinite}
+
+    def accumulate_gradients(self, indices: Sequence[int]) -> dict[str, float]:
+        """The gradient of a batch's loss, summed into the parameters' `.grad` micro-batch by
+        micro-batch (`micro_batch_count`), and the batch's statistics.
+
+        Each micro-batch loss is weighted by its share of the batch (of its examples or, for a
+        contrast across examples, of its contrast groups), so the gradient equals that of the whole
+        batch in one pass. When a contrast group spans micro-batches, `cached_gradients` runs.
+        """
+        self.policy.train()
+        count = self.micro_batch_count(len(indices))
+        means = WeightedMeans()
+        if self.stage == "align" and self.loss.contrasts_across_examples:
+            parts, total_weight, spans = self.grouped_micro_batches(indices, count)
+            self.announce_contrast_path(parts, spans)
+            if spans:
+                loss, stats, tokens = self.cached_gradients(parts)
+                means.add({"loss": (loss, 1), **stats})
+                return means.result(self.sum_over_processes, tokens=tokens)
+        else:
+            parts = [(part, None) for part in self.split_sides(indices, count)]
+            total_weight = self.example_weight([self.train_set[i] for i in indices])
+        tokens = 0
+        for number, (part, groups) in enumerate(parts, start=1):
+            batch = self.make_batch(self.train_set, part, with_rejected=self.stage != "sft")
+            tokens += int(batch["attention_mask"].sum())
+            self.set_gradient_sync(number == len(parts))
+            loss, stats = self.batch_loss(batch, "train", groups)
+            weight = len(set(groups)) if groups is not None else self.example_weight([self.train_set[i] for i in part])
+            # gradients are averaged over the processes: each carries its share of the whole batch
+            (loss * (weight / total_weight) * self.world_size).backward()
+            means.add({"loss": (loss.item(), weight), **stats})
+        return means.result(self.sum_over_processes, tokens=tokens)
+
+    def announce_contrast_path(self, parts: Sequence[tuple[list[int], list[int]]], spans: bool) -> None:
+        """Say how the contrast groups are computed and what it costs, once per stage and layout."""
+        self.contrast_path = "gradient_caching" if spans else "one_pass"
+        unit = "pairs" if self.paired else "responses"
+        size = f"{self.loss.contrast_group} {unit}" if self.loss.contrast_group else "the whole batch"
+        layout = f"micro-batches of {len(parts[0][0])} {unit}" + (f" on each of {self.world_size} processes" if self.world_size > 1 else "")
+        if spans:
+            note = (f"{self.stage}: contrast groups of {size} span {layout}: gradient caching "
+                    "(a no-grad forward of every micro-batch first: about one more forward per step)")
+        else:
+            note = f"{self.stage}: contrast groups of {size}, whole in {layout}: one pass"
+        if note != self.contrast_note and is_main_process():
+            print(note)
+        self.contrast_note = note
 
     def skip_nonfinite(self, indices: Sequence[int], loss: float, grad_norm: float) -> None:
         """A step whose loss or gradient is not finite is never applied: it stops the run (the last
@@ -759,7 +910,11 @@ class BasicTrainer:
         log pi(chosen) > log pi(rejected) (`logp_accuracy`)."""
         self.policy.eval()
         means = WeightedMeans()
+        grouped = self.stage == "align" and self.loss.contrasts_across_examples
         for indices, counted in self.assigned(self.eval_batches()):
+            groups = None
+            if grouped:  # contrast groups within each held-out batch, as in training
+                indices, groups = self.grouped_order(self.test_set, indices)
             batch = self.make_batch(self.test_set, indices)
             logps, counts = self.logps(self.policy, batch)
             stats: Stats = {}
@@ -772,7 +927,7 @@ class BasicTrainer:
                 stats["loss"] = (sft_loss(chosen_logps, chosen_counts).item(), chosen_counts.sum().item())  # a mean over tokens
                 stats["logps/chosen"] = (chosen_logps.mean().item(), len(chosen_logps))
             else:
-                loss, objective_stats = self.objective(logps, counts, batch, "test")
+                loss, objective_stats = self.objective(logps, counts, batch, "test", groups)
                 stats.update({"loss": (loss.item(), len(indices)), **objective_stats})
             means.add(stats, counted)  # a repeated batch (under FSDP) runs but does not count
         self.policy.train()

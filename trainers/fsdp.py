@@ -6,9 +6,10 @@ checkpoints are written differ from `BasicTrainer`:
 - every transformer block (`model.block_name`) and then the whole model go through
   `torch.distributed.fsdp.fully_shard`; on GPUs compute is bf16, gradients are reduced in fp32 and
   the parameters and optimizer state stay fp32;
-- each micro-batch of the global batch is split evenly over the processes; with
-  `loss.global_batch` every per-response quantity is all-gathered with its gradient, so the loss
-  (an RPO contrast matrix included) and the update equal those of one process on the whole batch;
+- each micro-batch of the global batch is split evenly over the processes, so the loss and the
+  update equal those of one process on the whole batch: an RPO contrast group that spans processes
+  is computed by gradient caching over the all-gathered log-probs (`BasicTrainer.cached_gradients`),
+  KTO's items and KL pairs are all-gathered with their gradient (`gather`);
 - held-out batches and reference log-probs are dealt out round-robin and merged;
 - checkpoints: the full Hugging Face model written by rank 0, plus the sharded model and
   optimizer state as a torch distributed checkpoint (`checkpoint/sharded/`).
@@ -161,9 +162,9 @@ class FSDPTrainer(BasicTrainer):
         return [every[i % self.world_size][i // self.world_size] for i in range(count)]
 
     def gather(self, values: torch.Tensor | None, split: str) -> torch.Tensor | None:
-        """With `loss.global_batch` in training: every process's values in rank order, the
-        gradient flowing back to the process that computed them. Parts may differ in length."""
-        if values is None or split != "train" or not self.loss.global_batch:
+        """In training: every process's values in rank order, the gradient flowing back to the
+        process that computed them. Parts may differ in length."""
+        if values is None or split != "train":
             return values
         is_bool = values.dtype == torch.bool
         local = values.to(torch.uint8) if is_bool else values

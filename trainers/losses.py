@@ -67,7 +67,7 @@ class LossSpec:
     compat: str = "paper"
     embedding_model: str = ""
     embedding_input: str = "prompt"
-    global_batch: bool = True
+    contrast_group: int | None = None
 
     @classmethod
     def of(cls, cfg: Mapping | LossSpec) -> LossSpec:
@@ -87,8 +87,6 @@ class LossSpec:
         if kind in ("sft", None):
             return cls(name, str(kind)), check.problems
         values: dict[str, object] = {"beta": check.number("beta", 0.0, open_low=True)}
-        if "global_batch" in cfg:
-            values["global_batch"] = check.flag("global_batch")
         if kind == "kto":
             values["desirable_weight"] = check.number("desirable_weight", 0.0, open_low=True)
             values["undesirable_weight"] = check.number("undesirable_weight", 0.0, open_low=True)
@@ -116,6 +114,8 @@ class LossSpec:
             check.fail("label_smoothing", "it smooths the sigmoid link, this loss has link=ipo")
         if values["weighting"] == "diagonal_emphasis":
             values["alpha"] = check.number("alpha", 0.0, 1.0)
+        if values["weighting"] not in ("diagonal", None) and cfg.get("contrast_group") is not None:
+            values["contrast_group"] = check.whole("contrast_group")
         weighting = values["weighting"]
         if weighting in ("diagonal", "diagonal_emphasis") and values["paired"] is False:
             check.problems.append(f"loss.weighting={weighting} contrasts the two responses of one prompt: it needs loss.paired=true")
@@ -155,7 +155,7 @@ class LossSpec:
         return {field.name: getattr(self, field.name) for field in fields(self)}
 
 
-SFT = LossSpec("sft", "sft", global_batch=False)  # SFT couples no examples: nothing to gather
+SFT = LossSpec("sft", "sft")
 
 
 def _per_token(logps: torch.Tensor, lengths: torch.Tensor | None, side: str) -> torch.Tensor:
