@@ -40,12 +40,17 @@ CASES = {  # name: (overrides, the BasicTrainer overrides it must equal)
     "dpo, 2 micro-batches": (["loss=dpo", "train.gradient_accumulation_steps=2"], ["loss=dpo", "train.gradient_accumulation_steps=2"]),
     "dpo, activation checkpointing": (["loss=dpo", "fsdp.activation_checkpointing=true"], ["loss=dpo"]),
     "ipo, sharded live reference": (["loss=ipo", "reference.precompute=false"], ["loss=ipo"]),
-    # the global contrast matrix spans the 8 pairs of the batch, as in one process
-    "rpo + sr, global batch": (["loss=rpo", "loss.sr_lambda=0.5"], ["loss=rpo", "loss.sr_lambda=0.5"]),
-    # per process: two 4 x 4 matrices, which is one process with two micro-batches
-    "rpo + sr, per process": (
-        ["loss=rpo", "loss.sr_lambda=0.5", "loss.global_batch=false"],
-        ["loss=rpo", "loss.sr_lambda=0.5", "train.gradient_accumulation_steps=2"],
+    # one contrast group of 8 pairs (the preset's) across both processes: gradient caching over the gathered log-probs
+    "rpo + sr, a group across processes": (["loss=rpo", "loss.sr_lambda=0.5"], ["loss=rpo", "loss.sr_lambda=0.5"]),
+    # groups of 4: one whole group per process, one pass
+    "rpo + sr, a group per process": (
+        ["loss=rpo", "loss.sr_lambda=0.5", "loss.contrast_group=4"],
+        ["loss=rpo", "loss.sr_lambda=0.5", "loss.contrast_group=4"],
+    ),
+    # one matrix over 16 unpaired responses in 2 micro-batches x 2 processes
+    "rpo_unpaired, the whole batch in 4 parts": (
+        ["loss=rpo_unpaired", "loss.contrast_group=null", "train.batch_size=16", "train.gradient_accumulation_steps=2"],
+        ["loss=rpo_unpaired", "loss.contrast_group=null", "train.batch_size=16"],
     ),
     # 5 desirable and 5 undesirable responses: 3 + 2 on one process, 2 + 3 on the other
     "kto, uneven sides": (["loss=kto", "train.batch_size=10"], ["loss=kto", "train.batch_size=10"]),
@@ -72,6 +77,7 @@ def steps_job(configs: dict, folder: Path) -> None:
             "weights": trainer.exported_state(final=True),
             "reference": trainer.reference_logps,
             "reference_batches": counted["batches"],
+            "contrast_path": trainer.contrast_path,
         }
     if is_main_process():
         torch.save(results, folder / "results.pt")
@@ -118,13 +124,14 @@ def test_fsdp_steps_equal_one_process_on_the_global_batch(fsdp_results, make_cfg
     assert max((weights[key] - initial[key]).abs().max() for key in weights) > 1e-3  # updates far above the tolerance
 
 
-def test_the_per_process_matrix_differs_from_the_global_one(fsdp_results):
-    """`loss.global_batch=false` (the official code's behaviour) gives a different update."""
-    global_weights = fsdp_results["rpo + sr, global batch"]["weights"]
-    local_weights = fsdp_results["rpo + sr, per process"]["weights"]
-    assert max((global_weights[k] - local_weights[k]).abs().max() for k in global_weights) > 1e-4
-    global_loss = fsdp_results["rpo + sr, global batch"]["records"][-1]["loss"]
-    assert fsdp_results["rpo + sr, per process"]["records"][-1]["loss"] != pytest.approx(global_loss, rel=1e-4)
+def test_groups_that_span_processes_are_cached_and_groups_within_one_are_not(fsdp_results):
+    assert fsdp_results["rpo + sr, a group across processes"]["contrast_path"] == "gradient_caching"
+    assert fsdp_results["rpo_unpaired, the whole batch in 4 parts"]["contrast_path"] == "gradient_caching"
+    assert fsdp_results["rpo + sr, a group per process"]["contrast_path"] == "one_pass"
+    # and the group size matters: two groups of 4 are another loss than one of 8
+    across, within = fsdp_results["rpo + sr, a group across processes"], fsdp_results["rpo + sr, a group per process"]
+    assert max((across["weights"][k] - within["weights"][k]).abs().max() for k in across["weights"]) > 1e-4
+    assert within["records"][-1]["loss"] != pytest.approx(across["records"][-1]["loss"], rel=1e-4)
 
 
 def test_reference_log_probs_are_computed_sharded_and_merged(fsdp_results, make_cfg, tmp_path):

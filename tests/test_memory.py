@@ -98,10 +98,10 @@ def test_one_probe_when_the_whole_batch_clearly_fits(make_cfg, tmp_path, linear_
 def test_a_second_probe_out_of_memory_gives_micro_batch_one(make_cfg, tmp_path, monkeypatch):
     original = BasicTrainer.batch_loss
 
-    def batch_loss(self, batch, split):
+    def batch_loss(self, batch, split, groups=None):
         if len(batch["index"]) > 1:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return original(self, batch, split)
+        return original(self, batch, split, groups)
 
     monkeypatch.setattr(BasicTrainer, "batch_loss", batch_loss)
     # nothing held before the probe: its whole peak counts per example, so 5 examples do not clearly fit
@@ -116,8 +116,8 @@ def test_out_of_memory_in_the_first_steps_halves_the_micro_batch(make_cfg, tmp_p
     overrides = [DROPOUT, "loss=dpo", "train.batch_size=8", "sft.enabled=false"]
     original = BasicTrainer.batch_loss
 
-    def batch_loss(self, batch, split):
-        result = original(self, batch, split)  # the forward draws its dropout masks before memory runs out
+    def batch_loss(self, batch, split, groups=None):
+        result = original(self, batch, split, groups)  # the forward draws its dropout masks before memory runs out
         if self.plan is not None and split == "train" and len(batch["index"]) > 3:  # training steps, not the probes
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return result
@@ -132,7 +132,7 @@ def test_out_of_memory_in_the_first_steps_halves_the_micro_batch(make_cfg, tmp_p
 
 
 def test_out_of_memory_with_a_configured_micro_batch_is_raised(make_cfg, tmp_path, monkeypatch):
-    def batch_loss(self, batch, split):
+    def batch_loss(self, batch, split, groups=None):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
     trainer = build(make_cfg("loss=dpo", "train.micro_batch_size=4"), tmp_path)

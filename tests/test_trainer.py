@@ -332,8 +332,8 @@ def test_skip_nonfinite_skips_and_counts_the_step_and_applies_the_others(make_cf
     original = BasicTrainer.batch_loss
     calls = []
 
-    def nan_on_the_second_batch(self, batch, split):
-        loss, stats = original(self, batch, split)
+    def nan_on_the_second_batch(self, batch, split, groups=None):
+        loss, stats = original(self, batch, split, groups)
         calls.append(split)
         return (loss * float("nan"), stats) if calls.count("train") == 2 and split == "train" else (loss, stats)
 
