@@ -96,15 +96,13 @@ def check_train(check: Checker) -> None:
 
 
 def check_contrast_size(check: Checker, spec: LossSpec) -> None:
-    """A contrast matrix over one pair is DPO: refuse a batch or micro-batch that leaves RPO one pair."""
+    """A contrast matrix over one pair is DPO: refuse a contrast group (or batch) of one pair."""
     if not (spec.contrasts_across_examples and spec.paired):
         return
-    batch, micro = check.value("train.batch_size"), check.value("train.micro_batch_size")
-    steps = check.value("train.gradient_accumulation_steps")
-    per_matrix = micro if isinstance(micro, int) else (batch // (steps * processes()) if isinstance(steps, int) else batch)
-    if per_matrix == 1:
-        key = "train.micro_batch_size" if isinstance(micro, int) else "train.batch_size"
-        check.fail(key, f"loss={spec.name} contrasts the pairs of a (micro-)batch: with 1 pair it is plain DPO, give at least 2")
+    batch = check.value("train.batch_size")
+    if spec.contrast_group == 1 or batch == 1:
+        key = "loss.contrast_group" if spec.contrast_group == 1 else "train.batch_size"
+        check.fail(key, f"loss={spec.name} contrasts the pairs of a contrast group: with 1 pair it is plain DPO, give at least 2")
 
 
 def check_unpaired_batches(cfg: DictConfig, items: Sequence[LabelledResponse]) -> None:

@@ -102,7 +102,8 @@ def main() -> None:
         print(f"gradient caching / one pass: step time x{cached['seconds'] / one['seconds']:.2f}, "
               f"peak x{cached['peak_gb'] / one['peak_gb']:.2f}; losses {one['loss']:.6f} and {cached['loss']:.6f}")
     if names[1] in rows and names[2] in rows:
-        print(f"gradient caching / groups of 4 at the same micro-batch: step time x{rows[names[1]]['seconds'] / rows[names[2]]['seconds']:.2f}")
+        ratio = rows[names[1]]["seconds"] / rows[names[2]]["seconds"]
+        print(f"gradient caching / groups of 4 at the same micro-batch: step time x{ratio:.2f}")
 
 
 if __name__ == "__main__":

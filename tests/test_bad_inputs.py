@@ -77,12 +77,14 @@ CASES: dict[str, tuple[list[str], str | None, list[str], int]] = {
     "sr lambda negative": (["loss=sr_dpo", "loss.sr_lambda=-0.5"], None, ["loss.sr_lambda=-0.5"], 1),
     "sr on unpaired data": (["loss=rpo_unpaired", "loss.sr_lambda=0.5"], None, ["loss.sr_lambda=0.5", "pairs"], 1),
     "embedding input typo": (["loss.embedding.input=response"], None, ["loss.embedding.input='response'"], 1),
+    "contrast group zero": (["loss.contrast_group=0"], None, ["loss.contrast_group=0", "whole number of at least 1 or null"], 1),
+    "contrast group fractional": (["loss.contrast_group=2.5"], None, ["loss.contrast_group=2.5"], 1),
     "kto weight zero": (["loss=kto", "loss.desirable_weight=0"], None, ["loss.desirable_weight=0"], 1),
     "loss kind typo": (["loss.kind=contrastive"], None, ["loss.kind='contrastive'"], 1),
     # the schedule and the batches
     "batch size zero (was: an endless loop)": (["train.batch_size=0"], None, ["train.batch_size=0", "whole number"], 1),
     "rpo over one pair is dpo": (["train.batch_size=1"], None, ["train.batch_size=1", "plain DPO"], 1),
-    "rpo micro-batch of one": (["train.micro_batch_size=1"], None, ["train.micro_batch_size=1", "plain DPO"], 1),
+    "rpo contrast group of one": (["loss.contrast_group=1"], None, ["loss.contrast_group=1", "plain DPO"], 1),
     "accumulation zero": (["train.gradient_accumulation_steps=0"], None, ["train.gradient_accumulation_steps=0"], 1),
     "uneven accumulation (was: 2, 2, 1, 1 silently)": (
         ["loss=dpo", "train.batch_size=6", "train.gradient_accumulation_steps=4"], None, ["train.batch_size=6", "(2, 2, 1, 1)"], 1),

@@ -50,9 +50,12 @@ def gradients_with(trainer: BasicTrainer, indices: list[int], micro_batches: int
     return record, gradients
 
 
-def assert_same(expected: tuple[dict, dict], got: tuple[dict, dict], rel: float = 1e-10) -> None:
+PAIR_STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin")
+
+
+def assert_same(expected: tuple[dict, dict], got: tuple[dict, dict], rel: float = 1e-10, keys: tuple[str, ...] = PAIR_STATS) -> None:
     (expected_record, expected_gradients), (record, gradients) = expected, got
-    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin"):
+    for key in keys:
         assert record[key] == pytest.approx(expected_record[key], rel=rel, abs=1e-12), key
     for name, gradient in expected_gradients.items():
         torch.testing.assert_close(gradients[name], gradient, rtol=rel, atol=1e-14, msg=name)
@@ -158,3 +161,27 @@ def test_held_out_losses_use_the_groups_too(make_cfg, tmp_path):
     grouped = held_out_loss("grouped", 2, 8)
     assert grouped == pytest.approx(held_out_loss("small batches", "null", 2), rel=1e-10)
     assert abs(grouped - held_out_loss("one matrix", "null", 8)) > 1e-6
+
+
+def test_a_micro_batch_that_can_hold_a_group_is_dealt_whole_groups(make_cfg, tmp_path):
+    """Micro-batches of at most 24 over 64 pairs: 3 of 21-22 would cut groups of 8, 4 of 16 do not."""
+    trainer = build(make_cfg("sft.enabled=false", "loss=rpo", "train.batch_size=64", "train.micro_batch_size=24"), tmp_path)
+    assert (trainer.plan.micro_batch, trainer.plan.accumulation_steps) == (24, 4)
+    trainer.accumulate_gradients(trainer.sampler.take(64))
+    assert trainer.contrast_path == "one_pass"
+    dpo = build(make_cfg("sft.enabled=false", "loss=dpo", "train.batch_size=64", "train.micro_batch_size=24"), tmp_path / "dpo")
+    assert dpo.plan.accumulation_steps == 3  # no groups to keep whole
+
+
+def test_kto_reference_point_is_the_whole_batchs_however_it_is_split(make_cfg, tmp_path):
+    """KTO couples its examples through z0 (the mean KL of the batch's mismatched pairs): micro-batches
+    use the whole batch's, so 2 and 4 micro-batches give the one-pass loss and gradients."""
+    trainer = float64_trainer(make_cfg, tmp_path, "loss=kto", "train.batch_size=16")
+    indices = trainer.sampler.take(16)
+    policy_kl, reference_kl = trainer.kl_pairs(trainer.make_batch(trainer.train_set, indices), "train")
+    trainer.reference_logps["train"][:, 1] -= float((policy_kl - reference_kl).mean().abs()) + 1  # z0 >= 1, not clamped
+    one_pass = gradients_with(trainer, indices, 1)
+    assert one_pass[0]["kl"] >= 1
+    for micro_batches in (2, 4):
+        # (the unpaired accuracy and margin compare the items of one micro-batch: monitoring only)
+        assert_same(one_pass, gradients_with(trainer, indices, micro_batches), keys=("loss", "kl", "rewards/chosen", "rewards/rejected"))

@@ -660,16 +660,22 @@ class BasicTrainer:
 
     def kto_objective(self, logps: torch.Tensor, batch: Mapping, split: str) -> tuple[torch.Tensor, Stats]:
         """KTO over the batch; under FSDP its items and KL pairs are gathered over every process, so
-        the reference point z0 and the mean are those of the whole batch."""
-        reference_logps, reference_kl_logps = self.reference_batch_logps(batch, split)
-        with torch.no_grad():
-            policy_kl_logps = self.logps(self.policy, batch["mismatched"])[0]
+        the reference point z0 and the mean are those of the whole batch. A micro-batch carries the
+        KL pairs of its whole batch (`batch_kl_pairs`), so z0 does not depend on the split either."""
+        reference_logps = self.reference_batch_logps(batch, split)[0]
         items = [self.gather(values, split) for values in (logps, reference_logps, batch["desirable"].to(self.device))]
-        kl_pairs = [self.gather(values, split) for values in (policy_kl_logps, reference_kl_logps)]
+        kl_pairs = batch.get("batch_kl_pairs") or self.kl_pairs(batch, split)
         loss, item_rewards, kl = kto_loss(*items, *kl_pairs, self.loss)
         item_logps, desirable = items[0], items[2]
         stats = self.reward_stats(item_logps[desirable], item_logps[~desirable], item_rewards[desirable], item_rewards[~desirable])
         return loss, {"kl": (kl.item(), len(kl_pairs[0])), **stats}
+
+    def kl_pairs(self, batch: Mapping, split: str) -> list[torch.Tensor]:
+        """The policy's (no-grad) and the reference's log-probs of the batch's mismatched KL pairs,
+        gathered over the processes."""
+        with torch.no_grad():
+            policy_kl_logps = self.logps(self.policy, batch["mismatched"])[0]
+        return [self.gather(values, split) for values in (policy_kl_logps, self.reference_batch_logps(batch, split)[1])]
 
     def contrast_inputs(self, logps: torch.Tensor, counts: torch.Tensor, batch: Mapping, split: str, groups: Sequence[int] | None) -> dict:
         """`preference_loss`'s per-response arguments for the batch: policy and reference log-probs,
@@ -839,9 +845,14 @@ class BasicTrainer:
         else:
             parts = [(part, None) for part in self.split_sides(indices, count)]
             total_weight = self.example_weight([self.train_set[i] for i in indices])
-        tokens = 0
+        tokens, batch_kl_pairs = 0, None
+        if self.stage == "align" and self.kto and len(parts) > 1:  # KTO's z0 from the whole batch's KL pairs
+            every_part = [self.kl_pairs(self.make_batch(self.train_set, part), "train") for part, _ in parts]
+            batch_kl_pairs = [torch.cat(values) for values in zip(*every_part, strict=True)]
         for number, (part, groups) in enumerate(parts, start=1):
             batch = self.make_batch(self.train_set, part, with_rejected=self.stage != "sft")
+            if batch_kl_pairs is not None:
+                batch["batch_kl_pairs"] = batch_kl_pairs
             tokens += int(batch["attention_mask"].sum())
             self.set_gradient_sync(number == len(parts))
             loss, stats = self.batch_loss(batch, "train", groups)

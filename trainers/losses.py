@@ -115,7 +115,7 @@ class LossSpec:
         if values["weighting"] == "diagonal_emphasis":
             values["alpha"] = check.number("alpha", 0.0, 1.0)
         if values["weighting"] not in ("diagonal", None) and cfg.get("contrast_group") is not None:
-            values["contrast_group"] = check.whole("contrast_group")
+            values["contrast_group"] = check.whole("contrast_group", optional=True)
         weighting = values["weighting"]
         if weighting in ("diagonal", "diagonal_emphasis") and values["paired"] is False:
             check.problems.append(f"loss.weighting={weighting} contrasts the two responses of one prompt: it needs loss.paired=true")
