@@ -50,7 +50,7 @@ def check_config(cfg: DictConfig) -> LossSpec:
         check.whole(f"{stage}.warmup_steps", low=0)
         check.whole(f"{stage}.epochs")
         check.whole(f"{stage}.max_examples", optional=True)
-    for key in ("sft.enabled", "train.skip_nonfinite", "reference.precompute", "wandb.enabled", "debug"):
+    for key in ("sft.enabled", "train.skip_nonfinite", "train.packing", "reference.precompute", "wandb.enabled", "debug"):
         check.flag(key)
     if cfg.trainer == "fsdp":
         check.choice("fsdp.mixed_precision", MIXED_PRECISION)

@@ -798,22 +798,99 @@ def collate_sequences(prompts: Sequence[list[int]], responses: Sequence[list[int
         "input_ids": pad_to_longest(sequences, pad_id),
         "attention_mask": pad_to_longest([[1] * len(s) for s in sequences], 0),
         "labels": pad_to_longest(labels, -100),
+        "sequences": len(sequences),
+        "tokens": sum(map(len, sequences)),
     }
 
 
-def collate(examples: Sequence[TokenizedPair], indices: Sequence[int], pad_id: int, with_rejected: bool = True) -> dict:
-    """One batch of pairs: chosen sequences first, then rejected ones, for ONE concatenated forward."""
+def pack_sequences(prompts: Sequence[list[int]], responses: Sequence[Sequence[list[int]]], pad_id: int) -> dict:
+    """Prompts and their responses laid out for one forward that computes each prompt once and no
+    padding between sequences: what `utils.packed_response_logps` scores.
+
+    Segment s is prompt s followed by its responses (a pair's chosen and rejected, or one response).
+    Each response attends to its prompt and to itself, never to a sibling, and its position ids
+    continue from the prompt's end, so its log-prob is that of prompt + response alone. Segments
+    are packed into rows as long as the longest segment (longest first, first row with room).
+    Sequence k * len(prompts) + s is segment s's response k (pairs: chosen first, then rejected).
+
+    Returns input_ids, position_ids, segment (-1: padding) and part (0: prompt, k + 1: response k)
+    [rows, width]; for every response token, the flattened position that predicts it (predict_at),
+    the token (targets) and its sequence (owners); the number of sequences and of the tokens the
+    padded layout would hold (`tokens`, the work a step does whatever its layout).
+    """
+    lengths = [len(p) + sum(map(len, rs)) for p, rs in zip(prompts, responses, strict=True)]
+    width = max(lengths)
+    rows: list[list[int]] = []  # segments of each row
+    room: list[int] = []
+    for s in sorted(range(len(prompts)), key=lambda s: -lengths[s]):
+        row = next((r for r, free in enumerate(room) if free >= lengths[s]), None)
+        if row is None:
+            rows.append([])
+            room.append(width)
+            row = len(rows) - 1
+        rows[row].append(s)
+        room[row] -= lengths[s]
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    segment = torch.full((len(rows), width), -1, dtype=torch.long)
+    part = torch.full((len(rows), width), -1, dtype=torch.long)
+    predict_at, targets, owners = [], [], []
+    for r, members in enumerate(rows):
+        start = 0
+        for s in members:
+            prompt = prompts[s]
+            prompt_end = r * width + start + len(prompt) - 1  # predicts each response's first token
+            pieces = [(prompt, 0, 0)] + [(response, len(prompt), k + 1) for k, response in enumerate(responses[s])]
+            for tokens, first_position, piece in pieces:
+                end = start + len(tokens)
+                input_ids[r, start:end] = torch.tensor(tokens, dtype=torch.long)
+                position_ids[r, start:end] = torch.arange(first_position, first_position + len(tokens))
+                segment[r, start:end], part[r, start:end] = s, piece
+                if piece:  # without a prompt the first token has no predictor (as in the padded layout)
+                    predicted = tokens if prompt else tokens[1:]
+                    predict_at += ([prompt_end] if prompt and tokens else []) + list(range(r * width + start, r * width + end - 1))
+                    targets += predicted
+                    owners += [(piece - 1) * len(prompts) + s] * len(predicted)
+                start = end
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "segment": segment,
+        "part": part,
+        "predict_at": torch.tensor(predict_at, dtype=torch.long),
+        "targets": torch.tensor(targets, dtype=torch.long),
+        "owners": torch.tensor(owners, dtype=torch.long),
+        "sequences": max(map(len, responses)) * len(prompts),
+        "tokens": sum(len(p) * len(rs) + sum(map(len, rs)) for p, rs in zip(prompts, responses, strict=True)),
+    }
+
+
+def collate(
+    examples: Sequence[TokenizedPair], indices: Sequence[int], pad_id: int, with_rejected: bool = True, packed: bool = False
+) -> dict:
+    """One batch of pairs: chosen sequences first, then rejected ones, for ONE concatenated forward
+    (`packed`: each prompt once, see `pack_sequences`)."""
+    index = {"index": torch.tensor(list(indices), dtype=torch.long)}
+    if packed:
+        responses = [[e.chosen, e.rejected] if with_rejected else [e.chosen] for e in examples]
+        return {**pack_sequences([e.prompt for e in examples], responses, pad_id), **index}
     responses = [e.chosen for e in examples] + ([e.rejected for e in examples] if with_rejected else [])
     prompts = [e.prompt for e in examples] * (2 if with_rejected else 1)
-    return {**collate_sequences(prompts, responses, pad_id), "index": torch.tensor(list(indices), dtype=torch.long)}
+    return {**collate_sequences(prompts, responses, pad_id), **index}
 
 
-def collate_items(items: Sequence[TokenizedResponse], indices: Sequence[int], pad_id: int) -> dict:
+def collate_items(items: Sequence[TokenizedResponse], indices: Sequence[int], pad_id: int, packed: bool = False) -> dict:
     """One batch of unpaired items (desirable ones first), with their mismatched KL sequences."""
     prompts = [item.prompt for item in items]
+
+    def layout(responses: list[list[int]]) -> dict:
+        if packed:
+            return pack_sequences(prompts, [[response] for response in responses], pad_id)
+        return collate_sequences(prompts, responses, pad_id)
+
     return {
-        **collate_sequences(prompts, [item.response for item in items], pad_id),
-        "mismatched": collate_sequences(prompts, [item.mismatched for item in items], pad_id),
+        **layout([item.response for item in items]),
+        "mismatched": layout([item.mismatched for item in items]),
         "desirable": torch.tensor([item.desirable for item in items]),
         "index": torch.tensor(list(indices), dtype=torch.long),
     }

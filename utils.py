@@ -338,25 +338,64 @@ def pad_to_longest(sequences: list[list[int]], pad_value: int) -> torch.Tensor:
 def response_logps(
     model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probabilities of the labelled (response) tokens of each sequence, and their counts.
-
-    Only the hidden states that predict a labelled token go through the LM head, so the
-    [tokens, vocab] logits exist for response positions only (31 % of a step on SmolLM2 is the
-    LM head on all positions otherwise).
-    """
+    """Summed log-probabilities of the labelled (response) tokens of each padded sequence, and their counts."""
     backbone = getattr(model, model.base_model_prefix)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     targets = labels[:, 1:]
     rows, cols = (targets != -100).nonzero(as_tuple=True)
-    logits = model.get_output_embeddings()(hidden[:, :-1][rows, cols])
+    return score_positions(model, hidden[:, :-1][rows, cols], targets[rows, cols], rows, len(labels))
+
+
+PACKABLE_ATTENTION = ("sdpa", "eager")  # attention implementations that apply a custom 4D mask
+
+
+def packed_response_logps(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    segment: torch.Tensor,
+    part: torch.Tensor,
+    predict_at: torch.Tensor,
+    targets: torch.Tensor,
+    owners: torch.Tensor,
+    sequences: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`response_logps` of `preference_datasets.pack_sequences`'s layout: each prompt is computed
+    once for all of its responses and rows hold several segments, so no padding sits between them.
+
+    A token attends to the earlier tokens of its segment's prompt and of its own response (a 4D
+    boolean mask; padding attends to itself only, so no row of the softmax is empty)."""
+    same_segment = segment.unsqueeze(2) == segment.unsqueeze(1)
+    visible_part = (part.unsqueeze(1) == 0) | (part.unsqueeze(1) == part.unsqueeze(2))
+    width = input_ids.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=input_ids.device).tril()
+    mask = (same_segment & visible_part & causal) | torch.eye(width, dtype=torch.bool, device=input_ids.device)
+    if model.config._attn_implementation == "eager":  # eager attention adds its mask to the scores
+        dtype = model.get_output_embeddings().weight.dtype
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=mask.unsqueeze(1), position_ids=position_ids).last_hidden_state
+    return score_positions(model, hidden.flatten(0, 1)[predict_at], targets, owners, sequences)
+
+
+def score_positions(
+    model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, owners: torch.Tensor, sequences: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence sums of log p(target) from the hidden states that predict the targets, and the
+    number of targets of each sequence (`owners`: the sequence of each target).
+
+    Only these hidden states go through the LM head, so the [tokens, vocab] logits exist for
+    response positions only (31 % of a step on SmolLM2 is the LM head on all positions otherwise).
+    """
+    logits = model.get_output_embeddings()(hidden)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32 at least, float64 kept
     softcap = getattr(model.config, "final_logit_softcapping", None)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
-    token_logps = logits.gather(-1, targets[rows, cols].unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-    sums = torch.zeros(len(labels), dtype=token_logps.dtype, device=token_logps.device)
-    counts = torch.zeros(len(labels), dtype=torch.long, device=token_logps.device)
-    return sums.index_add(0, rows, token_logps), counts.index_add(0, rows, torch.ones_like(rows))
+    token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    sums = torch.zeros(sequences, dtype=token_logps.dtype, device=token_logps.device)
+    counts = torch.zeros(sequences, dtype=torch.long, device=token_logps.device)
+    return sums.index_add(0, owners, token_logps), counts.index_add(0, owners, torch.ones_like(owners))
 
 
 def state_fingerprint(model: torch.nn.Module) -> str:

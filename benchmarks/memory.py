@@ -81,12 +81,12 @@ def measure(loss: str, size: int, max_length: int, auto: bool = False) -> dict:
     before = rss_gb()
     with PeakSampler() as sampler:
         trainer.train_step(indices)
-    sequences = len(batch["input_ids"]) + (len(batch["mismatched"]["input_ids"]) if "mismatched" in batch and loss == "kto" else 0)
+    sequences = batch["sequences"] + (batch["mismatched"]["sequences"] if "mismatched" in batch and loss == "kto" else 0)
     return {
         "loss": loss,
         "micro_batch": examples,
         "sequences": sequences,
-        "tokens": int(batch["attention_mask"].sum()),
+        "tokens": batch["tokens"],
         "before_gb": round(before, 2),
         "peak_gb": round(sampler.peak, 2),
         "step_gb": round(sampler.peak - before, 2),

@@ -96,10 +96,10 @@ def test_paired_loop_loss_equals_the_equation_by_hand(make_cfg, tmp_path, shared
     loss_cfg = {**dict(cfg.loss), "weighting": cfg.loss.weighting}
     pairs = train.prepare_examples(cfg, load_datasets(cfg.datasets))["train"]
     indices = [5, 17, 2, 40, 33]
-    batch = collate([trainer.train_set[i] for i in indices], indices, trainer.pad_id)
+    batch = trainer.make_batch(trainer.train_set, indices)  # the trainer's (packed) layout
     loss, stats = trainer.batch_loss(batch, "train")
 
-    policy = full_logps(trainer.policy, batch).view(2, -1)
+    policy = full_logps(trainer.policy, collate([trainer.train_set[i] for i in indices], indices, trainer.pad_id)).view(2, -1)
     reference = trainer.reference_logps["train"][indices].double().T
     chosen, rejected = (cfg.loss.beta * (policy[0] - reference[0])).tolist(), (cfg.loss.beta * (policy[1] - reference[1])).tolist()
     if cfg.loss.embedding.input == "prompt_response":
@@ -144,9 +144,9 @@ def test_unpaired_loop_rows_get_their_own_prompt_embeddings(make_cfg, tmp_path, 
     undesirable = [i for i in indices if not items[i].desirable]
     assert len(desirable) >= 2 and len(undesirable) >= 2
     indices = desirable + undesirable
-    batch = collate_items([trainer.train_set[i] for i in indices], indices, trainer.pad_id)
-    loss, stats = trainer.batch_loss(batch, "train")
-    rewards = (cfg.loss.beta * (full_logps(trainer.policy, batch) - trainer.reference_logps["train"][indices, 0].double())).tolist()
+    loss, stats = trainer.batch_loss(trainer.make_batch(trainer.train_set, indices), "train")
+    padded = collate_items([trainer.train_set[i] for i in indices], indices, trainer.pad_id)
+    rewards = (cfg.loss.beta * (full_logps(trainer.policy, padded) - trainer.reference_logps["train"][indices, 0].double())).tolist()
     chosen, rejected = rewards[: len(desirable)], rewards[len(desirable) :]
     chosen_embeddings = prompt_embedding([prompt_of(items[i]) for i in desirable], shared_cache)
     rejected_embeddings = prompt_embedding([prompt_of(items[i]) for i in undesirable], shared_cache)

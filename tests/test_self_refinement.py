@@ -97,7 +97,7 @@ def test_refined_delta_is_the_policy_judgement_on_p_plus_x(make_cfg, tmp_path, l
     trainer = perturbed(build(make_cfg(f"loss={loss}"), tmp_path))
     assert trainer.train_set[0].augmented is not None and "train/augmented" in trainer.reference_logps
     indices = [0, 1, 2]
-    pair_batch = collate([trainer.train_set[i] for i in indices], indices, trainer.pad_id)
+    pair_batch = trainer.make_batch(trainer.train_set, indices)
     logps, counts = trainer.logps(trainer.policy, pair_batch)
     delta = trainer.self_refinement_margin(logps, counts, trainer.reference_batch_logps(pair_batch, "train"), pair_batch, "train")
     augmented = collate([trainer.train_set[i].augmented for i in indices], indices, trainer.pad_id)
@@ -114,10 +114,11 @@ def test_refined_delta_is_the_policy_judgement_on_p_plus_x(make_cfg, tmp_path, l
 def test_naive_delta_uses_the_unaugmented_log_probs(make_cfg, tmp_path):
     trainer = perturbed(build(make_cfg("loss=sr_dpo", "loss.sr_delta=naive"), tmp_path))
     assert trainer.train_set[0].augmented is None and "train/augmented" not in trainer.reference_logps
-    pair_batch = collate(trainer.train_set[:3], range(3), trainer.pad_id)
+    pair_batch = trainer.make_batch(trainer.train_set, range(3))
     logps, counts = trainer.logps(trainer.policy, pair_batch)
     delta = trainer.self_refinement_margin(logps, counts, trainer.reference_batch_logps(pair_batch, "train"), pair_batch, "train")
-    ratios = full_logps(trainer.policy, pair_batch).view(2, -1) - trainer.reference_logps["train"][:3].double().T
+    padded = collate(trainer.train_set[:3], range(3), trainer.pad_id)
+    ratios = full_logps(trainer.policy, padded).view(2, -1) - trainer.reference_logps["train"][:3].double().T
     expected = 0.1 * (ratios[0] - ratios[1])
     assert expected.abs().min() > 1e-3
     torch.testing.assert_close(delta.double(), expected, rtol=1e-4, atol=1e-6)

@@ -66,7 +66,7 @@ def test_reference_logps_are_cached_and_equal_a_live_reference(make_cfg, tmp_pat
     assert len(cache_files) == 1
     live = build(make_cfg(f"seed={cfg.seed}", "reference.precompute=false"), tmp_path / "b")
     assert live.reference_model is not None and live.reference_logps is None
-    batch = collate(trainer.train_set[:6], range(6), trainer.pad_id)
+    batch = trainer.make_batch(trainer.train_set, range(6))
     cached, fresh = trainer.reference_batch_logps(batch, "train"), live.reference_batch_logps(batch, "train")
     torch.testing.assert_close(torch.stack(cached), torch.stack(fresh), rtol=1e-5, atol=1e-4)
     monkeypatch.setattr(BasicTrainer, "all_logps", lambda *a, **k: pytest.fail("recomputed cached reference log-probs"))

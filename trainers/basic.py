@@ -40,6 +40,7 @@ from trainers.memory import (
     optimizer_state_bytes,
 )
 from utils import (
+    PACKABLE_ATTENTION,
     ConfigError,
     StopSignals,
     atomic_torch_save,
@@ -49,6 +50,7 @@ from utils import (
     is_main_process,
     load_or_compute,
     on_main_process,
+    packed_response_logps,
     positive_int,
     response_logps,
     rng_state,
@@ -234,6 +236,7 @@ class BasicTrainer:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.device = self.launch(cfg)
         self.compute_dtype = self.compute_precision()
+        self.packed = self.packing(policy)
         self.sampler = self.build_sampler()
         self.plan = self.configured_micro_batches()  # None: fitted to the memory budget when the stage starts
         self.total_examples = self.planned_examples()
@@ -440,8 +443,8 @@ class BasicTrainer:
     def unfittable(self, indices: Sequence[int], budget: int, estimate: int | None) -> str:
         """Why not even the smallest micro-batch fits, and what to change."""
         batch = self.make_batch(self.train_set, indices, with_rejected=self.stage != "sft")
-        sequences, width = batch["input_ids"].shape
-        shape = f"{sequences} sequence{'s' if sequences > 1 else ''} of up to {width} tokens"
+        rows, width = batch["input_ids"].shape
+        shape = f"{rows} row{'s' if rows > 1 else ''} of up to {width} tokens"
         needs = f"about {estimate / GB:.1f} GB" if estimate else "more than that (its probe ran out of memory)"
         return (
             f"{self.stage}: the smallest micro-batch ({len(indices)} of the longest examples: {shape}) does not fit in "
@@ -490,8 +493,8 @@ class BasicTrainer:
         training batches) and, under `mismatched`, each prompt with another item's response."""
         chosen = [examples[i] for i in indices]
         if self.paired:
-            return collate(chosen, indices, self.pad_id, with_rejected)
-        return collate_items(chosen, indices, self.pad_id)
+            return collate(chosen, indices, self.pad_id, with_rejected, packed=self.packed)
+        return collate_items(chosen, indices, self.pad_id, packed=self.packed)
 
     def response_tokens(self, example) -> int:
         return len(example.chosen if self.paired else example.response)
@@ -548,9 +551,25 @@ class BasicTrainer:
     def logps(self, model: torch.nn.Module, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed response log-probs and token counts of every sequence of the batch, one forward
         in `compute_dtype` (the log-softmax itself in float32)."""
-        inputs = (batch[key].to(self.device) for key in ("input_ids", "attention_mask", "labels"))
         with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32):
-            return response_logps(model, *inputs)
+            if self.packed:
+                return packed_response_logps(model, *self.packed_inputs(batch))
+            return response_logps(model, *(batch[key].to(self.device) for key in ("input_ids", "attention_mask", "labels")))
+
+    def packing(self, model: torch.nn.Module) -> bool:
+        """`train.packing`, refused for attention that ignores a custom 4D mask (flash attention)."""
+        implementation = model.config._attn_implementation
+        if self.cfg.train.packing and implementation not in PACKABLE_ATTENTION:
+            raise ConfigError(
+                f"train.packing=true shares each prompt between its responses through a 4D attention mask, which "
+                f"attn_implementation={implementation} ignores: use {' or '.join(PACKABLE_ATTENTION)}, or train.packing=false"
+            )
+        return self.cfg.train.packing
+
+    def packed_inputs(self, batch: Mapping) -> list:
+        """`packed_response_logps`'s arguments from a packed batch, on this device."""
+        keys = ("input_ids", "position_ids", "segment", "part", "predict_at", "targets", "owners")
+        return [*(batch[key].to(self.device) for key in keys), batch["sequences"]]
 
     def pair_logps(self, model: torch.nn.Module, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs of the batch's two sequence sets: (chosen, rejected) of pairs; for unpaired
@@ -580,7 +599,7 @@ class BasicTrainer:
     def precomputed_reference_logps(self, weights_key: str) -> dict[str, torch.Tensor]:
         """Reference log-probs of both splits, cached on disk by (weights, data, tokenization)."""
         data_key = text_fingerprint([astuple(e) for e in [*self.train_set, *self.test_set]], self.kto)
-        settings = (self.cfg.max_length, self.cfg.max_prompt_length, self.loss.refines_on_augmented, str(self.compute_dtype))
+        settings = (self.cfg.max_length, self.cfg.max_prompt_length, self.loss.refines_on_augmented, str(self.compute_dtype), self.packed)
         key = text_fingerprint(weights_key, data_key, *settings)
         return load_or_compute(Path(self.cfg.cache_dir) / "reference_logps" / f"{key}.pt", self.reference_tables)
 
@@ -630,7 +649,8 @@ class BasicTrainer:
         beta, kind = self.loss.beta, self.loss.reward
         if self.loss.refines_on_augmented:
             examples = self.train_set if split == "train" else self.test_set
-            augmented = collate([examples[i].augmented for i in batch["index"].tolist()], batch["index"].tolist(), self.pad_id)
+            indices = batch["index"].tolist()
+            augmented = collate([examples[i].augmented for i in indices], indices, self.pad_id, packed=self.packed)
             with torch.no_grad():
                 logps, counts = self.logps(self.policy, augmented)
             reference = self.reference_batch_logps(augmented, f"{split}/augmented")
@@ -807,7 +827,7 @@ class BasicTrainer:
                 starts[side] += len(sequence_logps)
             self.set_gradient_sync(number == len(batches))
             (surrogate * self.world_size).backward()  # gradients are averaged over the processes
-        return loss.item(), stats, sum(int(batch["attention_mask"].sum()) for batch in batches)
+        return loss.item(), stats, sum(batch["tokens"] for batch in batches)
 
     # ----------------------------------------------------------------------------- training
 
@@ -853,7 +873,7 @@ class BasicTrainer:
             batch = self.make_batch(self.train_set, part, with_rejected=self.stage != "sft")
             if batch_kl_pairs is not None:
                 batch["batch_kl_pairs"] = batch_kl_pairs
-            tokens += int(batch["attention_mask"].sum())
+            tokens += batch["tokens"]
             self.set_gradient_sync(number == len(parts))
             loss, stats = self.batch_loss(batch, "train", groups)
             weight = len(set(groups)) if groups is not None else self.example_weight([self.train_set[i] for i in part])

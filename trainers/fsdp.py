@@ -36,7 +36,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_f
 from torch.distributed.tensor import DTensor
 
 from trainers.basic import BasicTrainer, cast_state_dict
-from utils import ConfigError, gather_objects, is_main_process, rank, response_logps, world_size
+from utils import ConfigError, gather_objects, is_main_process, packed_response_logps, rank, response_logps, world_size
 
 MIXED_PRECISION = ("auto", "bf16", "fp32")
 
@@ -90,10 +90,11 @@ class FSDPTrainer(BasicTrainer):
                 parameter.data = parameter.data.float()  # in place: tied embeddings stay tied
         # a frozen model has no backward to keep the root's gathered weights for
         fully_shard(model, mesh=mesh, mp_policy=precision, reshard_after_forward=True if frozen else None)
-        # The loop scores sequences with `response_logps` (backbone, then the LM head on response
-        # positions only), not `forward`: FSDP must gather the root's weights around it too.
-        model.response_logps = partial(response_logps, model)
-        register_fsdp_forward_method(model, "response_logps")
+        # The loop scores sequences with `response_logps` / `packed_response_logps` (backbone, then
+        # the LM head on response positions only), not `forward`: FSDP must gather the root's weights around them too.
+        for method in (response_logps, packed_response_logps):
+            setattr(model, method.__name__, partial(method, model))
+            register_fsdp_forward_method(model, method.__name__)
         return model
 
     def compute_precision(self) -> torch.dtype:
@@ -120,6 +121,8 @@ class FSDPTrainer(BasicTrainer):
             self.policy.reshard()
 
     def logps(self, model: torch.nn.Module, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.packed:
+            return model.packed_response_logps(*self.packed_inputs(batch))
         return model.response_logps(*(batch[key].to(self.device) for key in ("input_ids", "attention_mask", "labels")))
 
     # ----------------------------------------------------------------------------- batches

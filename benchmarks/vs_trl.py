@@ -1,0 +1,302 @@
+"""This project's training step against TRL's DPOTrainer on the same work, side by side in one invocation.
+
+    python benchmarks/vs_trl.py [--pairs 4] [--steps 4] [--warmup 1] [--repeats 2] [--max-length 256]
+
+Both sides train SmolLM2-135M-Instruct in fp32 on 2 threads with RMSprop, beta 0.1 and a constant
+learning rate, on the same HH pairs (helpful-base of ../shared/data/hh-rlhf) in the same order,
+tokenized once by this project (prompts cut from the left to max_length / 2, responses to the rest)
+and handed to TRL as token ids, so that both see exactly the same tokens. Each (side, reference)
+setting runs in its own process (peak memory only grows), the settings alternate, `--repeats`
+times; the first `--warmup` steps of each process are not timed. Tokens/s counts the non-padding
+tokens of the chosen and rejected sequences (prompt + response each), the same for both sides.
+The first step's DPO loss must agree (same batch, same weights). It then times this project's
+RPO, Sr-DPO and KTO steps against its DPO step (KTO per pair: each pair's two responses become two
+items), and shows where the time of one DPO step goes (torch profiler, by operator).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.memory import PeakSampler, rss_gb  # noqa: E402
+
+HH = ROOT.parent / "shared" / "data" / "hh-rlhf"
+LR, BETA, MAX_GRAD_NORM = 1e-6, 0.1, 10.0
+SETTINGS = {  # name: (side, its setting: reference for TRL; loss:reference:dtype:packing for this project)
+    "prefopt, reference precomputed": ("prefopt", "dpo:precomputed:float32:true"),
+    "TRL, reference precomputed": ("trl", "precomputed"),
+    "prefopt, reference live": ("prefopt", "dpo:live:float32:true"),
+    "TRL, reference live": ("trl", "live"),
+    "prefopt padded (train.packing=false), precomputed": ("prefopt", "dpo:precomputed:float32:false"),
+    "prefopt bf16 (model.dtype=bfloat16), precomputed": ("prefopt", "dpo:precomputed:bfloat16:true"),
+}
+RATIOS = [
+    ("prefopt, reference precomputed", "TRL, reference precomputed"),
+    ("prefopt, reference live", "TRL, reference live"),
+    ("prefopt, reference precomputed", "prefopt padded (train.packing=false), precomputed"),
+    ("prefopt bf16 (model.dtype=bfloat16), precomputed", "prefopt, reference precomputed"),
+]
+LOSSES = ["dpo", "rpo", "sr_dpo", "kto"]
+
+
+def project_config(args: argparse.Namespace, loss: str, reference: str, dtype: str = "float32", packing: str = "true"):
+    from hydra import compose, initialize_config_dir
+
+    overrides = [
+        f"loss={loss}", "model=smollm2_135m", "datasets=[hh]", f"datasets.hh.path={HH}", "datasets.hh.subsets=[helpful-base]",
+        f"max_length={args.max_length}", f"max_prompt_length={args.max_length // 2}", f"train.batch_size={args.pairs}",
+        f"train.micro_batch_size={args.pairs}", "train.optimizer=rmsprop", f"train.max_grad_norm={MAX_GRAD_NORM}",
+        f"align.lr={LR}", "align.warmup_steps=0", "sft.enabled=false", f"reference.precompute={reference == 'precomputed'}",
+        "train.max_eval_examples=8", f"loss.beta={BETA}", f"cache_dir={tempfile.mkdtemp()}", f"model.dtype={dtype}",
+        f"train.packing={packing}",
+    ]
+    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
+        return compose("config", overrides=overrides)
+
+
+def tokenized_pairs(args: argparse.Namespace) -> tuple:
+    """The project's tokenizer, its tokenized HH pairs (train split) and the model it loads."""
+    import train
+    from preference_datasets import load_datasets
+
+    cfg = project_config(args, "dpo", "live")
+    tokenizer = train.load_tokenizer(cfg)
+    examples = train.prepare_examples(cfg, load_datasets(cfg.datasets))
+    return cfg, tokenizer, examples, train.tokenize_examples(cfg, tokenizer, examples)
+
+
+def pair_tokens(pairs) -> int:
+    return sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
+
+
+def timed_steps(args: argparse.Namespace, step, batches: list) -> dict:
+    """Run `step(batch)` on every batch: the first `args.warmup` untimed, then timed with the peak RSS."""
+    for batch in batches[: args.warmup]:
+        first_loss = step(batch)
+    times = []
+    with PeakSampler() as sampler:
+        for batch in batches[args.warmup :]:
+            started = time.perf_counter()
+            step(batch)
+            times.append(time.perf_counter() - started)
+    return {"times": times, "peak_gb": round(sampler.peak, 2), "first_loss": first_loss}
+
+
+def run_prefopt(args: argparse.Namespace, loss: str, reference: str, dtype: str, packing: str) -> dict:
+    import torch
+
+    import train
+    from preference_datasets import load_datasets
+    from trainers.basic import BasicTrainer, MetricsLog
+
+    torch.set_num_threads(2)
+    cfg = project_config(args, loss, reference, dtype, packing)
+    tokenizer = train.load_tokenizer(cfg)
+
+    examples = train.prepare_examples(cfg, load_datasets(cfg.datasets))
+    data = train.tokenize_examples(cfg, tokenizer, examples)
+    folder = Path(tempfile.mkdtemp())
+    trainer = BasicTrainer(cfg, "align", train.load_policy(cfg, tokenizer), tokenizer, data, folder, MetricsLog(folder / "m.jsonl"),
+                           train.contrast_embeddings(cfg, examples))
+    per_step = args.pairs * (2 if loss == "kto" else 1)  # KTO: a pair's two responses are two items
+    batches = [list(range(k * per_step, (k + 1) * per_step)) for k in range(args.warmup + args.steps)]
+    losses = []
+    result = timed_steps(args, lambda batch: losses.append(trainer.train_step(batch)["loss"]) or losses[0], batches)
+    if loss == "kto":
+        tokens = sum(len(trainer.train_set[i].prompt) + len(trainer.train_set[i].response) for i in batches[-1])
+    else:
+        tokens = pair_tokens([trainer.train_set[i] for i in batches[-1]])
+    return {**result, "tokens": tokens, "before_gb": round(rss_gb(), 2)}
+
+
+def run_trl(args: argparse.Namespace, reference: str) -> dict:
+    import torch
+    from datasets import Dataset
+    from torch.utils.data import SequentialSampler
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    import train
+
+    torch.set_num_threads(2)
+    cfg, tokenizer, _, data = tokenized_pairs(args)
+    count = args.pairs * (args.warmup + args.steps)
+    pairs = data["train"][:count]
+    rows = [{"prompt_ids": p.prompt, "chosen_ids": p.chosen, "rejected_ids": p.rejected} for p in pairs]
+
+    class SameTokensDPOTrainer(DPOTrainer):
+        """TRL's DPOTrainer on this project's token ids, in order: no re-tokenization, no shuffling."""
+
+        def _prepare_dataset(self, dataset, *unused, **unused_too):
+            return dataset
+
+        def _get_train_sampler(self, *unused):
+            return SequentialSampler(self.train_dataset)
+
+    class StepTimes(TrainerCallback):
+        def __init__(self):
+            self.times, self.started = [], 0.0
+
+        def on_step_begin(self, *unused, **unused_too):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, *unused, **unused_too):
+            self.times.append(time.perf_counter() - self.started)
+
+    config = DPOConfig(
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.pairs, max_steps=args.warmup + args.steps,
+        learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, optim="rmsprop", max_grad_norm=MAX_GRAD_NORM,
+        beta=BETA, max_length=None, precompute_ref_log_probs=reference == "precomputed", use_cpu=True, bf16=False,
+        logging_steps=1, save_strategy="no", report_to=[], dataloader_num_workers=0, seed=0, disable_tqdm=True,
+    )
+    policy = train.load_policy(cfg, tokenizer)
+    reference_model = train.load_policy(cfg, tokenizer).eval() if reference == "live" else None
+    times = StepTimes()
+    trainer = SameTokensDPOTrainer(model=policy, ref_model=reference_model, args=config, train_dataset=Dataset.from_list(rows),
+                                   processing_class=tokenizer, callbacks=[times])
+    with PeakSampler() as sampler:
+        trainer.train()
+    first_loss = next(entry["loss"] for entry in trainer.state.log_history if "loss" in entry)
+    return {"times": times.times[args.warmup :], "peak_gb": round(sampler.peak, 2), "first_loss": first_loss,
+            "tokens": pair_tokens(pairs[-args.pairs :]), "before_gb": None}
+
+
+def profile_step(args: argparse.Namespace) -> dict:
+    """Where one DPO step's time goes: self CPU time by operator (torch profiler), top entries."""
+    import torch
+
+    import train
+    from preference_datasets import load_datasets
+    from trainers.basic import BasicTrainer, MetricsLog
+
+    torch.set_num_threads(2)
+    cfg = project_config(args, "dpo", "precomputed")
+    tokenizer = train.load_tokenizer(cfg)
+    examples = train.prepare_examples(cfg, load_datasets(cfg.datasets))
+    folder = Path(tempfile.mkdtemp())
+    trainer = BasicTrainer(cfg, "align", train.load_policy(cfg, tokenizer), tokenizer, train.tokenize_examples(cfg, tokenizer, examples),
+                           folder, MetricsLog(folder / "m.jsonl"))
+    trainer.train_step(list(range(args.pairs)))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        trainer.train_step(list(range(args.pairs, 2 * args.pairs)))
+    events = profiler.key_averages()
+    total = sum(event.self_cpu_time_total for event in events)
+    top = sorted(events, key=lambda event: -event.self_cpu_time_total)[:12]
+    return {"top": [(event.key, round(100 * event.self_cpu_time_total / total, 1)) for event in top]}
+
+
+def child(*arguments: str) -> dict | str:
+    """One setting in its own process: its JSON result, or its last error line."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run([sys.executable, __file__, *arguments], capture_output=True, text=True, env=environment)
+    if result.returncode != 0:
+        return (result.stderr.strip().splitlines() or ["killed"])[-1]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def markdown_row(cells: list) -> str:
+    return "| " + " | ".join(map(str, cells)) + " |"
+
+
+def compare_with_trl(args: argparse.Namespace, common: list[str]) -> list[str]:
+    """The settings, alternated `args.repeats` times; the table and the ratios, as markdown lines."""
+    runs: dict[str, list[dict]] = {}
+    for repeat in range(args.repeats):
+        for name, (side, what) in SETTINGS.items():
+            result = child(*common, "--one", side, what)
+            if isinstance(result, str):
+                print(f"{name}: failed: {result}", flush=True)
+                continue
+            runs.setdefault(name, []).append(result)
+            print(f"repeat {repeat + 1}: {name}: {statistics.median(result['times']):.2f} s/step", flush=True)
+    lines = [markdown_row(["setting", "s/step (median)", "spread", "tokens/s", "peak RSS", "first loss"]), "|---|---:|---:|---:|---:|---:|"]
+    rows = {}
+    for name, results in runs.items():
+        times = [t for result in results for t in result["times"]]
+        seconds = statistics.median(times)
+        rows[name] = row = {"tokens_per_s": results[0]["tokens"] / seconds, "peak_gb": max(result["peak_gb"] for result in results),
+                            "first_loss": results[0]["first_loss"]}
+        lines.append(markdown_row([name, f"{seconds:.2f}", f"{max(times) - min(times):.2f}", f"{row['tokens_per_s']:.1f}",
+                                   f"{row['peak_gb']:.2f} GB", f"{row['first_loss']:.6f}"]))
+    lines.append("")
+    for ours, theirs in RATIOS:
+        if ours in rows and theirs in rows:
+            difference = abs(rows[ours]["first_loss"] - rows[theirs]["first_loss"])
+            lines.append(f"- {ours} / {theirs}: tokens/s **x{rows[ours]['tokens_per_s'] / rows[theirs]['tokens_per_s']:.2f}**, "
+                         f"peak RSS x{rows[ours]['peak_gb'] / rows[theirs]['peak_gb']:.2f}, first losses differ by {difference:.1e}")
+    return lines
+
+
+def losses_against_dpo(common: list[str]) -> list[str]:
+    lines, dpo = [markdown_row(["loss", "s/step", "x DPO step", "tokens"]), "|---|---:|---:|---:|"], None
+    for loss in LOSSES:
+        result = child(*common, "--one", "prefopt", f"{loss}:precomputed:float32:true")
+        if isinstance(result, str):
+            lines.append(markdown_row([loss, "failed", result, ""]))
+            continue
+        seconds = statistics.median(result["times"])  # every loss's step covers the same pairs (KTO: as 2 items each)
+        dpo = dpo or seconds
+        lines.append(markdown_row([loss, f"{seconds:.2f}", f"x{seconds / dpo:.2f}", result["tokens"]]))
+    return lines
+
+
+def write_section(lines: list[str]) -> None:
+    """Replace the generated part of docs/BENCHMARKS.md (between the markers) with `lines`."""
+    path = ROOT / "docs" / "BENCHMARKS.md"
+    text = path.read_text()
+    begin, end = "<!-- vs_trl.py: begin -->", "<!-- vs_trl.py: end -->"
+    if begin not in text:
+        text += f"\n{begin}\n{end}\n"
+    head, rest = text.split(begin)
+    path.write_text(head + begin + "\n" + "\n".join(lines) + "\n" + end + rest.split(end)[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--write", action="store_true", help="put the tables into docs/BENCHMARKS.md")
+    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # side, its setting: one setting in this process
+    args = parser.parse_args()
+    if args.one:
+        side, what = args.one
+        if side == "trl":
+            result = run_trl(args, what)
+        elif side == "profile":
+            result = profile_step(args)
+        else:
+            loss, reference, dtype, packing = what.split(":")
+            result = run_prefopt(args, loss, reference, dtype, packing)
+        print(json.dumps(result))
+        return
+    common = ["--pairs", str(args.pairs), "--steps", str(args.steps), "--warmup", str(args.warmup), "--max-length", str(args.max_length)]
+    lines = [f"{args.pairs} pairs per step, max_length {args.max_length}, {args.steps} timed steps after {args.warmup} "
+             f"untimed per process, {args.repeats} processes per setting, alternating.", ""]
+    lines += compare_with_trl(args, common) + ["", "This project's losses on the same pairs (reference precomputed, fp32):", ""]
+    lines += losses_against_dpo(common)
+    profile = child(*common, "--one", "profile", "dpo")
+    if isinstance(profile, dict):
+        lines += ["", "Where one DPO step's time goes (self CPU time by operator, torch profiler):", ""]
+        lines += [markdown_row(["operator", "share"]), "|---|---:|"]
+        lines += [markdown_row([f"`{key}`", f"{share} %"]) for key, share in profile["top"]]
+    print("\n".join(lines))
+    if args.write:
+        write_section(lines)
+
+
+if __name__ == "__main__":
+    main()

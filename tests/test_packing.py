@@ -1,0 +1,127 @@
+"""`train.packing`: each prompt computed once for its responses, several segments per row, no
+padding between them. Every sequence's log-prob and gradient equal those of the sequence run alone
+(the plain forward of prompt + response, no padding at all) and those of the padded layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from preference_datasets import TokenizedPair, collate, pack_sequences
+from tests.conftest import build
+from utils import packed_response_logps, response_logps
+
+# random-init model families the papers' presets use: Llama / Mistral (RPO), GPT-NeoX (Pythia, Sr),
+# Gemma 2 (SimPO + RPO: eager attention, logit soft-capping, alternating sliding-window layers)
+FAMILIES = {
+    "llama": {},
+    "mistral": {"sliding_window": 4096},
+    "gpt_neox": {"rotary_pct": 0.25},
+    "gemma2": {"head_dim": 16, "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0, "query_pre_attn_scalar": 16},
+}
+
+
+def tiny_model(family: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        family, vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, **FAMILIES[family],
+    )
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def random_pairs(count: int, seed: int = 0) -> list[TokenizedPair]:
+    """Pairs of varied lengths: prompts of 1 to 40 tokens, responses of 1 to 25 (some of length 1)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def tokens(longest: int) -> list[int]:
+        length = int(torch.randint(1, longest + 1, (), generator=generator))
+        return torch.randint(1, 97, (length,), generator=generator).tolist()
+
+    return [TokenizedPair(tokens(40), tokens(25), tokens(25)) for _ in range(count)]
+
+
+def alone(model: torch.nn.Module, prompt: list[int], response: list[int]) -> torch.Tensor:
+    """log p(response | prompt) from the full-vocabulary log-softmax of the sequence run alone."""
+    ids = torch.tensor([prompt + response])
+    logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
+    return logits.log_softmax(-1).gather(-1, torch.tensor(response).unsqueeze(-1)).sum()
+
+
+def packed_logps(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    keys = ("input_ids", "position_ids", "segment", "part", "predict_at", "targets", "owners")
+    return packed_response_logps(model, *(batch[key] for key in keys), batch["sequences"])
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_packed_log_probs_equal_each_sequence_run_alone(family):
+    model = tiny_model(family)
+    pairs = random_pairs(7)
+    packed = collate(pairs, range(7), pad_id=0, packed=True)
+    assert len(packed["input_ids"]) < 7  # short segments share rows
+    assert (packed["segment"] == -1).any()  # and the last rows end in padding
+    with torch.no_grad():
+        logps, counts = packed_logps(model, packed)
+        expected = torch.stack([alone(model, p.prompt, p.chosen) for p in pairs] + [alone(model, p.prompt, p.rejected) for p in pairs])
+        padded = collate(pairs, range(7), pad_id=0)
+        padded_logps, padded_counts = response_logps(model, padded["input_ids"], padded["attention_mask"], padded["labels"])
+    torch.testing.assert_close(logps, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(padded_logps, expected, rtol=1e-5, atol=1e-5)
+    assert counts.tolist() == padded_counts.tolist() == [len(p.chosen) for p in pairs] + [len(p.rejected) for p in pairs]
+    assert packed["tokens"] == padded["tokens"] == int(padded["attention_mask"].sum())
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_packed_gradients_equal_the_padded_layouts(family):
+    """The gradient of a weighted sum of the log-probs (what every loss backpropagates) is the same."""
+    pairs = random_pairs(6, seed=1)
+    weights = torch.linspace(-1, 1, 12)
+    gradients = []
+    for packed in (False, True):
+        model = tiny_model(family).train()
+        batch = collate(pairs, range(6), pad_id=0, packed=packed)
+        if packed:
+            logps = packed_logps(model, batch)[0]
+        else:
+            logps = response_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])[0]
+        (weights * logps).sum().backward()
+        gradients.append({name: parameter.grad for name, parameter in model.named_parameters()})
+    for name, gradient in gradients[0].items():  # to 1e-5 of each tensor's largest entry: fp32 summation order
+        assert (gradients[1][name] - gradient).abs().max() <= 1e-5 * gradient.abs().max(), name
+
+
+def test_pack_sequences_layout():
+    """Two prompts of 3 and 2 tokens with responses (2, 1) and (1, 1): one row of 6 and one of 4 tokens
+    padded to 6; each response's positions continue from its prompt's end."""
+    batch = pack_sequences([[11, 12, 13], [21, 22]], [[[31, 32], [41]], [[51], [61]]], pad_id=0)
+    assert batch["input_ids"].tolist() == [[11, 12, 13, 31, 32, 41], [21, 22, 51, 61, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3], [0, 1, 2, 2, 0, 0]]
+    assert batch["part"].tolist() == [[0, 0, 0, 1, 1, 2], [0, 0, 1, 2, -1, -1]]
+    # sequence k * 2 + s: segment s's response k; the prompt's last position predicts each first token
+    assert list(zip(batch["predict_at"].tolist(), batch["targets"].tolist(), batch["owners"].tolist(), strict=True)) == [
+        (2, 31, 0), (3, 32, 0), (2, 41, 2), (7, 51, 1), (7, 61, 3)
+    ]
+    assert batch["sequences"] == 4 and batch["tokens"] == 5 + 4 + 3 + 3
+
+
+def test_multi_turn_prompts_through_the_trainer_give_the_padded_losses(make_cfg, tmp_path):
+    """Real multi-turn HH dialogues through the trainer: the packed and padded layouts give the same
+    DPO loss and parameter gradients (and a packed micro-batch holds fewer token positions)."""
+    overrides = ["sft.enabled=false", "loss=sr_dpo", "datasets=[hh]", "datasets.hh.path=../shared/data/hh-rlhf",
+                 "datasets.hh.max_train_examples=16", "datasets.hh.max_test_examples=8", "max_length=256", "max_prompt_length=192"]
+    results = []
+    for packing in ("false", "true"):
+        trainer = build(make_cfg(*overrides, f"train.packing={packing}"), tmp_path / packing)
+        turns = [trainer.tokenizer.decode(pair.prompt).count("<|im_start|>user") for pair in trainer.train_set]
+        indices = sorted(range(len(turns)), key=lambda i: -turns[i])[:4]
+        assert min(turns[i] for i in indices) >= 2
+        batch = trainer.make_batch(trainer.train_set, indices)
+        record = trainer.accumulate_gradients(indices)
+        results.append((record, {n: p.grad.clone() for n, p in trainer.policy.named_parameters()}, batch["input_ids"].numel()))
+    (padded, padded_gradients, padded_positions), (packed, packed_gradients, packed_positions) = results
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "sr/delta_mean", "tokens"):
+        assert packed[key] == pytest.approx(padded[key], rel=1e-5, abs=1e-6), key
+    for name, gradient in padded_gradients.items():
+        torch.testing.assert_close(packed_gradients[name], gradient, rtol=1e-4, atol=1e-6, msg=name)
+    assert packed_positions < padded_positions
