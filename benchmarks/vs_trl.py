@@ -53,11 +53,13 @@ LOSSES = ["dpo", "rpo", "sr_dpo", "kto"]
 def project_config(args: argparse.Namespace, loss: str, reference: str, dtype: str = "float32", packing: str = "true"):
     from hydra import compose, initialize_config_dir
 
+    batch = args.pairs * (2 if loss == "kto" else 1)  # KTO: a pair's two responses are two items
     overrides = [
         f"loss={loss}", "model=smollm2_135m", "datasets=[hh]", f"datasets.hh.path={HH}", "datasets.hh.subsets=[helpful-base]",
-        f"max_length={args.max_length}", f"max_prompt_length={args.max_length // 2}", f"train.batch_size={args.pairs}",
-        f"train.micro_batch_size={args.pairs}", "train.optimizer=rmsprop", f"train.max_grad_norm={MAX_GRAD_NORM}",
+        f"max_length={args.max_length}", f"max_prompt_length={args.max_length // 2}", f"train.batch_size={batch}",
+        f"train.micro_batch_size={batch}", "train.optimizer=rmsprop", f"train.max_grad_norm={MAX_GRAD_NORM}",
         f"align.lr={LR}", "align.warmup_steps=0", "sft.enabled=false", f"reference.precompute={reference == 'precomputed'}",
+        f"datasets.hh.max_train_examples={args.pairs * (args.warmup + args.steps)}", "datasets.hh.max_test_examples=8",
         "train.max_eval_examples=8", f"loss.beta={BETA}", f"cache_dir={tempfile.mkdtemp()}", f"model.dtype={dtype}",
         f"train.packing={packing}",
     ]
@@ -76,21 +78,28 @@ def tokenized_pairs(args: argparse.Namespace) -> tuple:
     return cfg, tokenizer, examples, train.tokenize_examples(cfg, tokenizer, examples)
 
 
+def first_check(record: dict) -> list[float]:
+    """What must agree on the first (same) batch: the loss and the policy's mean chosen and rejected
+    log-probs (the loss alone is log 2 whenever the policy starts at the reference)."""
+    return [record["loss"], record["logps/chosen"], record["logps/rejected"]]
+
+
 def pair_tokens(pairs) -> int:
     return sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
 
 
 def timed_steps(args: argparse.Namespace, step, batches: list) -> dict:
-    """Run `step(batch)` on every batch: the first `args.warmup` untimed, then timed with the peak RSS."""
-    for batch in batches[: args.warmup]:
-        first_loss = step(batch)
+    """Run `step(batch)` on every batch: the first `args.warmup` (at least 1) untimed, then timed with the peak RSS."""
+    first = step(batches[0])  # untimed with the warm-up steps
+    for batch in batches[1 : args.warmup]:
+        step(batch)
     times = []
     with PeakSampler() as sampler:
-        for batch in batches[args.warmup :]:
+        for batch in batches[max(1, args.warmup) :]:
             started = time.perf_counter()
             step(batch)
             times.append(time.perf_counter() - started)
-    return {"times": times, "peak_gb": round(sampler.peak, 2), "first_loss": first_loss}
+    return {"times": times, "peak_gb": round(sampler.peak, 2), "first": first}
 
 
 def run_prefopt(args: argparse.Namespace, loss: str, reference: str, dtype: str, packing: str) -> dict:
@@ -111,8 +120,8 @@ def run_prefopt(args: argparse.Namespace, loss: str, reference: str, dtype: str,
                            train.contrast_embeddings(cfg, examples))
     per_step = args.pairs * (2 if loss == "kto" else 1)  # KTO: a pair's two responses are two items
     batches = [list(range(k * per_step, (k + 1) * per_step)) for k in range(args.warmup + args.steps)]
-    losses = []
-    result = timed_steps(args, lambda batch: losses.append(trainer.train_step(batch)["loss"]) or losses[0], batches)
+    records = []
+    result = timed_steps(args, lambda batch: records.append(trainer.train_step(batch)) or first_check(records[0]), batches)
     if loss == "kto":
         tokens = sum(len(trainer.train_set[i].prompt) + len(trainer.train_set[i].response) for i in batches[-1])
     else:
@@ -167,8 +176,8 @@ def run_trl(args: argparse.Namespace, reference: str) -> dict:
                                    processing_class=tokenizer, callbacks=[times])
     with PeakSampler() as sampler:
         trainer.train()
-    first_loss = next(entry["loss"] for entry in trainer.state.log_history if "loss" in entry)
-    return {"times": times.times[args.warmup :], "peak_gb": round(sampler.peak, 2), "first_loss": first_loss,
+    first = next(entry for entry in trainer.state.log_history if "loss" in entry)
+    return {"times": times.times[max(1, args.warmup) :], "peak_gb": round(sampler.peak, 2), "first": first_check(first),
             "tokens": pair_tokens(pairs[-args.pairs :]), "before_gb": None}
 
 
@@ -201,7 +210,8 @@ def child(*arguments: str) -> dict | str:
     environment = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run([sys.executable, __file__, *arguments], capture_output=True, text=True, env=environment)
     if result.returncode != 0:
-        return (result.stderr.strip().splitlines() or ["killed"])[-1]
+        errors = [line for line in result.stderr.splitlines() if "Error" in line.split(":")[0]]
+        return (errors or ["killed (out of memory?)"])[-1]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -220,21 +230,24 @@ def compare_with_trl(args: argparse.Namespace, common: list[str]) -> list[str]:
                 continue
             runs.setdefault(name, []).append(result)
             print(f"repeat {repeat + 1}: {name}: {statistics.median(result['times']):.2f} s/step", flush=True)
-    lines = [markdown_row(["setting", "s/step (median)", "spread", "tokens/s", "peak RSS", "first loss"]), "|---|---:|---:|---:|---:|---:|"]
+    lines = [markdown_row(["setting", "s/step (median)", "spread", "tokens/s", "peak RSS", "first batch: loss / logps chosen / rejected"]),
+             "|---|---:|---:|---:|---:|---:|"]
     rows = {}
     for name, results in runs.items():
         times = [t for result in results for t in result["times"]]
         seconds = statistics.median(times)
         rows[name] = row = {"tokens_per_s": results[0]["tokens"] / seconds, "peak_gb": max(result["peak_gb"] for result in results),
-                            "first_loss": results[0]["first_loss"]}
+                            "first": results[0]["first"]}
         lines.append(markdown_row([name, f"{seconds:.2f}", f"{max(times) - min(times):.2f}", f"{row['tokens_per_s']:.1f}",
-                                   f"{row['peak_gb']:.2f} GB", f"{row['first_loss']:.6f}"]))
+                                   f"{row['peak_gb']:.2f} GB", " / ".join(f"{value:.4f}" for value in row["first"])]))
     lines.append("")
     for ours, theirs in RATIOS:
         if ours in rows and theirs in rows:
-            difference = abs(rows[ours]["first_loss"] - rows[theirs]["first_loss"])
-            lines.append(f"- {ours} / {theirs}: tokens/s **x{rows[ours]['tokens_per_s'] / rows[theirs]['tokens_per_s']:.2f}**, "
-                         f"peak RSS x{rows[ours]['peak_gb'] / rows[theirs]['peak_gb']:.2f}, first losses differ by {difference:.1e}")
+            ratio = rows[ours]["tokens_per_s"] / rows[theirs]["tokens_per_s"]
+            difference = max(abs(a - b) for a, b in zip(rows[ours]["first"], rows[theirs]["first"], strict=True))
+            memory = rows[ours]["peak_gb"] / rows[theirs]["peak_gb"]
+            lines.append(f"- {ours} / {theirs}: tokens/s **x{ratio:.2f}**, peak RSS x{memory:.2f}; "
+                         f"first batch's values differ by {difference:.1e}")
     return lines
 
 
