@@ -164,13 +164,20 @@ def discard_stray_output(output_dir: Path, run_dir: Path | None) -> None:
     """A launch whose Hydra output directory is not the run's (a resumed run; under torchrun, a
     process whose clock named another directory than rank 0's; a start that failed: None) removes
     it if it holds only Hydra's files."""
-    if output_dir != run_dir and output_dir.is_dir() and {p.name for p in output_dir.iterdir()} <= {".hydra", "train.log"}:
+    if output_dir != run_dir and holds_only_hydra_files(output_dir):
         shutil.rmtree(output_dir, ignore_errors=True)
         for parent in list(output_dir.parents)[:2]:  # <runs_root>/<run_name>, then <runs_root>, if left empty
             try:
                 parent.rmdir()
             except OSError:
                 break
+
+
+def holds_only_hydra_files(folder: Path) -> bool:
+    try:
+        return folder.is_dir() and {p.name for p in folder.iterdir()} <= {".hydra", "train.log"}
+    except FileNotFoundError:  # under torchrun, another process with the same folder removed it first
+        return False
 
 
 def archive(cfg: DictConfig) -> Path | None:

@@ -86,3 +86,20 @@ def test_interrupted_at_several_moments_then_resumed_ends_as_an_uninterrupted_ru
         final = load_file(run_dir / stage / "final" / "model.safetensors")
         assert all(expected[key].equal(final[key]) for key in expected), stage
     assert without_timing(run_dir / "metrics.jsonl") == without_timing(straight_dir / "metrics.jsonl")
+
+
+def test_a_stray_output_folder_removed_by_another_process_is_no_error(tmp_path, monkeypatch):
+    """Under torchrun two processes can hold the same Hydra output folder (their clocks named it in
+    the same second) and both discard it when it is not the run's: the second finds it gone."""
+    import train
+
+    stray = tmp_path / "runs" / "dpo_tiny" / "2026-12-03_09-06-35"
+    (stray / ".hydra").mkdir(parents=True)
+
+    def removed_meanwhile(folder):
+        shutil.rmtree(stray)
+        raise FileNotFoundError(2, "No such file or directory", str(folder))
+
+    monkeypatch.setattr(Path, "iterdir", removed_meanwhile)
+    train.discard_stray_output(stray, tmp_path / "runs" / "dpo_tiny" / "2026-12-03_09-00-00")
+    assert not stray.exists()
