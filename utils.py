@@ -378,21 +378,79 @@ def packed_response_logps(
     return score_positions(model, hidden.flatten(0, 1)[predict_at], targets, owners, sequences)
 
 
+LOGIT_CHUNK = 256  # LM-head positions whose [positions, vocab] logits exist at once, forward and backward
+
+
+class TargetLogps(torch.autograd.Function):
+    """log p(target) at each position from the final hidden states and the LM head (with Gemma 2's
+    logit soft-capping), `LOGIT_CHUNK` positions at a time. The forward keeps only each position's
+    log-normalizer and the backward recomputes a chunk's logits, so no [positions, vocab] float32
+    tensor of the whole batch is ever alive. The head runs in the autocast dtype if autocast is on."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor, softcap) -> torch.Tensor:
+        device = hidden.device.type
+        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        ctx.compute, ctx.softcap = compute, softcap
+        head = (weight.to(compute), None if bias is None else bias.to(compute))
+        normalizers, target_logits = [], []
+        for start in range(0, len(hidden), LOGIT_CHUNK):
+            logits = chunk_logits(hidden[start : start + LOGIT_CHUNK].to(compute), *head, softcap)
+            normalizers.append(logits.logsumexp(-1))
+            target_logits.append(logits.gather(-1, targets[start : start + LOGIT_CHUNK, None]).squeeze(-1))
+        normalizer = torch.cat(normalizers)
+        ctx.save_for_backward(hidden, weight, bias, targets, normalizer)
+        return torch.cat(target_logits) - normalizer
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:
+        hidden, weight, bias, targets, normalizer = ctx.saved_tensors
+        want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
+        accumulate = torch.promote_types(weight.dtype, torch.float32)
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=accumulate) if want_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=accumulate) if want_bias else None
+        head = (weight.to(ctx.compute), None if bias is None else bias.to(ctx.compute))
+        for start in range(0, len(hidden), LOGIT_CHUNK):
+            rows = slice(start, start + LOGIT_CHUNK)
+            chunk, chunk_grad = hidden[rows].to(ctx.compute), grad[rows, None]
+            logits = chunk_logits(chunk, *head, ctx.softcap)
+            # logits = cap * tanh(raw / cap): d logits / d raw = 1 - (logits / cap)^2
+            capping = 1 - (logits / ctx.softcap).square_() if ctx.softcap else None
+            # d log p(t) / d logits = onehot(t) - softmax(logits), built in place on the recomputed logits
+            grad_logits = logits.sub_(normalizer[rows, None]).exp_().mul_(-chunk_grad)
+            grad_logits.scatter_add_(-1, targets[rows, None], chunk_grad)
+            if capping is not None:
+                grad_logits.mul_(capping)
+            if want_bias:
+                grad_bias.add_(grad_logits.sum(0))
+            grad_logits = grad_logits.to(ctx.compute)
+            if want_hidden:
+                grad_hidden[rows] = grad_logits @ head[0]
+            if want_weight:
+                grad_weight.add_(grad_logits.T @ chunk)
+        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
+                None if grad_bias is None else grad_bias.to(bias.dtype), None, None)
+
+
+def chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias, softcap) -> torch.Tensor:
+    """The head's logits of some positions, float32 at least (float64 kept), soft-capped if the model does."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+
 def score_positions(
     model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, owners: torch.Tensor, sequences: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence sums of log p(target) from the hidden states that predict the targets, and the
     number of targets of each sequence (`owners`: the sequence of each target).
 
-    Only these hidden states go through the LM head, so the [tokens, vocab] logits exist for
-    response positions only (31 % of a step on SmolLM2 is the LM head on all positions otherwise).
-    """
-    logits = model.get_output_embeddings()(hidden)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32 at least, float64 kept
+    Only these hidden states go through the LM head (31 % of a step on SmolLM2 is the LM head on
+    all positions otherwise), in chunks (`TargetLogps`)."""
+    head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    token_logps = TargetLogps.apply(hidden, head.weight, head.bias, targets, softcap)
     sums = torch.zeros(sequences, dtype=token_logps.dtype, device=token_logps.device)
     counts = torch.zeros(sequences, dtype=torch.long, device=token_logps.device)
     return sums.index_add(0, owners, token_logps), counts.index_add(0, owners, torch.ones_like(owners))
