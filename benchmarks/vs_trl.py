@@ -48,6 +48,7 @@ RATIOS = [
     ("prefopt bf16 (model.dtype=bfloat16), precomputed", "prefopt, reference precomputed"),
 ]
 LOSSES = ["dpo", "rpo", "sr_dpo", "kto"]
+CACHE = "VS_TRL_CACHE"  # one cache_dir for the invocation: the packaged model is converted once, before any timing
 
 
 def project_config(args: argparse.Namespace, loss: str, reference: str, dtype: str = "float32", packing: str = "true"):
@@ -60,7 +61,8 @@ def project_config(args: argparse.Namespace, loss: str, reference: str, dtype: s
         f"train.micro_batch_size={batch}", "train.optimizer=rmsprop", f"train.max_grad_norm={MAX_GRAD_NORM}",
         f"align.lr={LR}", "align.warmup_steps=0", "sft.enabled=false", f"reference.precompute={reference == 'precomputed'}",
         f"datasets.hh.max_train_examples={args.pairs * (args.warmup + args.steps)}", "datasets.hh.max_test_examples=8",
-        "train.max_eval_examples=8", f"loss.beta={BETA}", f"cache_dir={tempfile.mkdtemp()}", f"model.dtype={dtype}",
+        "train.max_eval_examples=8", f"loss.beta={BETA}", f"cache_dir={os.environ.get(CACHE) or tempfile.mkdtemp()}",
+        f"model.dtype={dtype}",
         f"train.packing={packing}",
     ]
     with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
@@ -102,6 +104,41 @@ def timed_steps(args: argparse.Namespace, step, batches: list) -> dict:
     return {"times": times, "peak_gb": round(sampler.peak, 2), "first": first}
 
 
+def step_flops(model, pairs) -> float:
+    """The model FLOPs of a training step on `pairs`, counting what has to be computed: every
+    non-padding token once (each prompt once for its two responses, as packed), forward and backward
+    (6 per parameter per token) through the blocks, the LM head on response positions only, and
+    attention over each token's visible context (12 per context token per head dimension and layer)."""
+    from preference_datasets import collate
+
+    batch = collate(pairs, range(len(pairs)), pad_id=0, packed=True)
+    real = batch["segment"] != -1
+    tokens, contexts = int(real.sum()), int((batch["position_ids"][real] + 1).sum())
+    config = model.config
+    blocks = sum(parameter.numel() for name, parameter in model.named_parameters() if ".layers." in name)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    attention = 12 * config.num_hidden_layers * config.num_attention_heads * head_dim * contexts
+    return 6 * blocks * tokens + 6 * config.hidden_size * config.vocab_size * len(batch["targets"]) + attention
+
+
+def matmul_peak(dtype_name: str) -> dict:
+    """The best matmul rate of these cores in a dtype (GFLOP/s, 2 threads): the model's own shapes
+    (tokens x hidden x intermediate, both ways) and a large square one."""
+    import torch
+
+    torch.set_num_threads(2)
+    dtype, rates = getattr(torch, dtype_name), []
+    for m, k, n in [(1152, 576, 1536), (1152, 1536, 576), (2048, 2048, 2048)]:
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        for _ in range(3):
+            a @ b
+        started, repeats = time.perf_counter(), 10
+        for _ in range(repeats):
+            a @ b
+        rates.append(2 * m * k * n * repeats / (time.perf_counter() - started) / 1e9)
+    return {"gflops": round(max(rates), 1), "rates": [round(rate, 1) for rate in rates]}
+
+
 def run_prefopt(args: argparse.Namespace, loss: str, reference: str, dtype: str, packing: str) -> dict:
     import torch
 
@@ -126,7 +163,8 @@ def run_prefopt(args: argparse.Namespace, loss: str, reference: str, dtype: str,
         tokens = sum(len(trainer.train_set[i].prompt) + len(trainer.train_set[i].response) for i in batches[-1])
     else:
         tokens = pair_tokens([trainer.train_set[i] for i in batches[-1]])
-    return {**result, "tokens": tokens, "before_gb": round(rss_gb(), 2)}
+    flops = None if loss == "kto" else step_flops(trainer.policy, [trainer.train_set[i] for i in batches[-1]])
+    return {**result, "tokens": tokens, "flops": flops, "before_gb": round(rss_gb(), 2)}
 
 
 def run_trl(args: argparse.Namespace, reference: str) -> dict:
@@ -181,8 +219,8 @@ def run_trl(args: argparse.Namespace, reference: str) -> dict:
             "tokens": pair_tokens(pairs[-args.pairs :]), "before_gb": None}
 
 
-def profile_step(args: argparse.Namespace) -> dict:
-    """Where one DPO step's time goes: self CPU time by operator (torch profiler), top entries."""
+def profile_step(args: argparse.Namespace, dtype: str) -> dict:
+    """Where one DPO step's time goes in a dtype: self CPU time by operator (torch profiler), top entries."""
     import torch
 
     import train
@@ -190,7 +228,7 @@ def profile_step(args: argparse.Namespace) -> dict:
     from trainers.basic import BasicTrainer, MetricsLog
 
     torch.set_num_threads(2)
-    cfg = project_config(args, "dpo", "precomputed")
+    cfg = project_config(args, "dpo", "precomputed", dtype)
     tokenizer = train.load_tokenizer(cfg)
     examples = train.prepare_examples(cfg, load_datasets(cfg.datasets))
     folder = Path(tempfile.mkdtemp())
@@ -220,9 +258,15 @@ def markdown_row(cells: list) -> str:
 
 
 def compare_with_trl(args: argparse.Namespace, common: list[str]) -> list[str]:
-    """The settings, alternated `args.repeats` times; the table and the ratios, as markdown lines."""
+    """The settings, alternated `args.repeats` times, and the matmul peaks between them; the table
+    and the ratios, as markdown lines."""
     runs: dict[str, list[dict]] = {}
+    peaks: dict[str, float] = {}
     for repeat in range(args.repeats):
+        for dtype in ("float32", "bfloat16"):
+            peak = child("--one", "peak", dtype)
+            if isinstance(peak, dict):
+                peaks[dtype] = max(peaks.get(dtype, 0.0), peak["gflops"])
         for name, (side, what) in SETTINGS.items():
             result = child(*common, "--one", side, what)
             if isinstance(result, str):
@@ -230,17 +274,24 @@ def compare_with_trl(args: argparse.Namespace, common: list[str]) -> list[str]:
                 continue
             runs.setdefault(name, []).append(result)
             print(f"repeat {repeat + 1}: {name}: {statistics.median(result['times']):.2f} s/step", flush=True)
-    lines = [markdown_row(["setting", "s/step (median)", "spread", "tokens/s", "peak RSS", "first batch: loss / logps chosen / rejected"]),
-             "|---|---:|---:|---:|---:|---:|"]
+    # every setting does the same work (the same last batch): its model FLOPs, over each setting's time
+    flops = next((result["flops"] for results in runs.values() for result in results if result.get("flops")), None)
+    lines = [markdown_row(["setting", "s/step (median)", "spread", "tokens/s", "model FLOPs / matmul peak", "peak RSS",
+                           "first batch: loss / logps chosen / rejected"]), "|---|---:|---:|---:|---:|---:|---:|"]
     rows = {}
     for name, results in runs.items():
         times = [t for result in results for t in result["times"]]
         seconds = statistics.median(times)
+        dtype = "bfloat16" if "bfloat16" in SETTINGS[name][1] else "float32"
+        utilisation = f"{100 * flops / seconds / 1e9 / peaks[dtype]:.0f} %" if flops and dtype in peaks else "n/a"
         rows[name] = row = {"tokens_per_s": results[0]["tokens"] / seconds, "peak_gb": max(result["peak_gb"] for result in results),
                             "first": results[0]["first"]}
-        lines.append(markdown_row([name, f"{seconds:.2f}", f"{max(times) - min(times):.2f}", f"{row['tokens_per_s']:.1f}",
+        lines.append(markdown_row([name, f"{seconds:.2f}", f"{max(times) - min(times):.2f}", f"{row['tokens_per_s']:.1f}", utilisation,
                                    f"{row['peak_gb']:.2f} GB", " / ".join(f"{value:.4f}" for value in row["first"])]))
     lines.append("")
+    if flops:
+        lines.append(f"- Model FLOPs of a step: {flops / 1e9:.0f} GFLOP (`step_flops`); matmul peaks of these cores measured in "
+                     f"this run: " + ", ".join(f"{dtype} {gflops:.0f} GFLOP/s" for dtype, gflops in peaks.items()))
     for ours, theirs in RATIOS:
         if ours in rows and theirs in rows:
             ratio = rows[ours]["tokens_per_s"] / rows[theirs]["tokens_per_s"]
@@ -290,22 +341,30 @@ def main() -> None:
         if side == "trl":
             result = run_trl(args, what)
         elif side == "profile":
-            result = profile_step(args)
+            result = profile_step(args, what)
+        elif side == "prepare":  # convert the packaged model into the shared cache
+            tokenized_pairs(args)
+            result = {}
+        elif side == "peak":
+            result = matmul_peak(what)
         else:
             loss, reference, dtype, packing = what.split(":")
             result = run_prefopt(args, loss, reference, dtype, packing)
         print(json.dumps(result))
         return
+    os.environ.setdefault(CACHE, tempfile.mkdtemp())
     common = ["--pairs", str(args.pairs), "--steps", str(args.steps), "--warmup", str(args.warmup), "--max-length", str(args.max_length)]
     lines = [f"{args.pairs} pairs per step, max_length {args.max_length}, {args.steps} timed steps after {args.warmup} "
              f"untimed per process, {args.repeats} processes per setting, alternating.", ""]
+    child(*common, "--one", "prepare", "-")
     lines += compare_with_trl(args, common) + ["", "This project's losses on the same pairs (reference precomputed, fp32):", ""]
     lines += losses_against_dpo(common)
-    profile = child(*common, "--one", "profile", "dpo")
-    if isinstance(profile, dict):
-        lines += ["", "Where one DPO step's time goes (self CPU time by operator, torch profiler):", ""]
-        lines += [markdown_row(["operator", "share"]), "|---|---:|"]
-        lines += [markdown_row([f"`{key}`", f"{share} %"]) for key, share in profile["top"]]
+    for dtype in ("float32", "bfloat16"):
+        profile = child(*common, "--one", "profile", dtype)
+        if isinstance(profile, dict):
+            lines += ["", f"Where one DPO step's time goes in {dtype} (self CPU time by operator, torch profiler):", ""]
+            lines += [markdown_row(["operator", "share"]), "|---|---:|"]
+            lines += [markdown_row([f"`{key}`", f"{share} %"]) for key, share in profile["top"]]
     print("\n".join(lines))
     if args.write:
         write_section(lines)
