@@ -33,18 +33,22 @@ from benchmarks.memory import PeakSampler, rss_gb  # noqa: E402
 
 HH = ROOT.parent / "shared" / "data" / "hh-rlhf"
 LR, BETA, MAX_GRAD_NORM = 1e-6, 0.1, 10.0
-SETTINGS = {  # name: (side, its setting: reference for TRL; loss:reference:dtype:packing for this project)
-    "prefopt, reference precomputed": ("prefopt", "dpo:precomputed:float32:true"),
-    "TRL, reference precomputed": ("trl", "precomputed"),
-    "prefopt, reference live": ("prefopt", "dpo:live:float32:true"),
-    "TRL, reference live": ("trl", "live"),
-    "prefopt padded (train.packing=false), precomputed": ("prefopt", "dpo:precomputed:float32:false"),
-    "prefopt bf16 (model.dtype=bfloat16), precomputed": ("prefopt", "dpo:precomputed:bfloat16:true"),
+SETTINGS = {  # name: (side, its setting: reference:heap for TRL; loss:reference:dtype:packing:heap for this project)
+    "prefopt, reference precomputed": ("prefopt", "dpo:precomputed:float32:true:heap"),
+    "TRL, reference precomputed": ("trl", "precomputed:default"),
+    "prefopt, reference live": ("prefopt", "dpo:live:float32:true:heap"),
+    "TRL, reference live": ("trl", "live:default"),
+    "TRL, reference precomputed, large blocks in heap": ("trl", "precomputed:heap"),
+    "prefopt padded (train.packing=false), precomputed": ("prefopt", "dpo:precomputed:float32:false:heap"),
+    "prefopt, glibc's default malloc (mmap over 32 MB), precomputed": ("prefopt", "dpo:precomputed:float32:true:default"),
+    "prefopt bf16 (model.dtype=bfloat16), precomputed": ("prefopt", "dpo:precomputed:bfloat16:true:heap"),
 }
 RATIOS = [
     ("prefopt, reference precomputed", "TRL, reference precomputed"),
     ("prefopt, reference live", "TRL, reference live"),
+    ("prefopt, reference precomputed", "TRL, reference precomputed, large blocks in heap"),
     ("prefopt, reference precomputed", "prefopt padded (train.packing=false), precomputed"),
+    ("prefopt, reference precomputed", "prefopt, glibc's default malloc (mmap over 32 MB), precomputed"),
     ("prefopt bf16 (model.dtype=bfloat16), precomputed", "prefopt, reference precomputed"),
 ]
 LOSSES = ["dpo", "rpo", "sr_dpo", "kto"]
@@ -139,12 +143,26 @@ def matmul_peak(dtype_name: str) -> dict:
     return {"gflops": round(max(rates), 1), "rates": [round(rate, 1) for rate in rates]}
 
 
-def run_prefopt(args: argparse.Namespace, loss: str, reference: str, dtype: str, packing: str) -> dict:
+def allocator(setting: str) -> None:
+    """`heap`: glibc keeps large blocks in its heap, as this project's trainer sets on the CPU;
+    `default`: glibc's own setting (mmap for blocks over 32 MB), kept so in this project's trainer too."""
+    from trainers import basic
+    from trainers.memory import keep_large_blocks_in_heap
+
+    if setting == "heap":
+        keep_large_blocks_in_heap()
+    else:
+        basic.keep_large_blocks_in_heap = lambda: None
+
+
+def run_prefopt(args: argparse.Namespace, loss: str, reference: str, dtype: str, packing: str, heap: str = "heap") -> dict:
     import torch
 
     import train
     from preference_datasets import load_datasets
     from trainers.basic import BasicTrainer, MetricsLog
+
+    allocator(heap)
 
     torch.set_num_threads(2)
     cfg = project_config(args, loss, reference, dtype, packing)
@@ -167,7 +185,7 @@ def run_prefopt(args: argparse.Namespace, loss: str, reference: str, dtype: str,
     return {**result, "tokens": tokens, "flops": flops, "before_gb": round(rss_gb(), 2)}
 
 
-def run_trl(args: argparse.Namespace, reference: str) -> dict:
+def run_trl(args: argparse.Namespace, reference: str, heap: str = "default") -> dict:
     import torch
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
@@ -177,6 +195,7 @@ def run_trl(args: argparse.Namespace, reference: str) -> dict:
     import train
 
     torch.set_num_threads(2)
+    allocator(heap)
     cfg, tokenizer, _, data = tokenized_pairs(args)
     count = args.pairs * (args.warmup + args.steps)
     pairs = data["train"][:count]
@@ -339,7 +358,7 @@ def main() -> None:
     if args.one:
         side, what = args.one
         if side == "trl":
-            result = run_trl(args, what)
+            result = run_trl(args, *what.split(":"))
         elif side == "profile":
             result = profile_step(args, what)
         elif side == "prepare":  # convert the packaged model into the shared cache
@@ -348,8 +367,7 @@ def main() -> None:
         elif side == "peak":
             result = matmul_peak(what)
         else:
-            loss, reference, dtype, packing = what.split(":")
-            result = run_prefopt(args, loss, reference, dtype, packing)
+            result = run_prefopt(args, *what.split(":"))
         print(json.dumps(result))
         return
     os.environ.setdefault(CACHE, tempfile.mkdtemp())

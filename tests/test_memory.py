@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import subprocess
@@ -205,3 +206,22 @@ def test_the_plan_is_logged_in_the_stage_result(make_cfg, tmp_path):
         assert saved == summary["stages"][stage]["micro_batches"]
         assert saved["micro_batch"] == 4 and saved["accumulation_steps"] == 1  # tiny: the whole batch fits
         assert 0 < saved["estimate_gb"] <= saved["budget_gb"]
+
+
+class MallocInfo(ctypes.Structure):
+    """glibc's `struct mallinfo2` (2.33+): hblkhd is the bytes held in mmapped blocks."""
+
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def test_a_cpu_trainer_serves_large_tensors_from_the_heap(make_cfg, tmp_path):
+    """Once a trainer runs on the CPU, a large tensor comes from glibc's heap, not from a fresh mmap
+    (glibc's default over 32 MB, whose page faults every step would pay again). 1 GiB, never
+    touched: larger than any free stretch the heap could already hold."""
+    mallinfo2 = trainers.memory.LIBC.mallinfo2
+    mallinfo2.restype = MallocInfo
+    build(make_cfg("sft.enabled=false"), tmp_path)
+    mapped = mallinfo2().hblkhd
+    block = torch.empty(2**28)
+    assert mallinfo2().hblkhd == mapped and block.numel() == 2**28

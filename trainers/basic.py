@@ -36,6 +36,7 @@ from trainers.memory import (
     fitted_micro_batch,
     in_use,
     is_out_of_memory,
+    keep_large_blocks_in_heap,
     memory_budget,
     optimizer_state_bytes,
 )
@@ -235,6 +236,8 @@ class BasicTrainer:
         self.kto = self.loss.kind == "kto"
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.device = self.launch(cfg)
+        if self.device.type == "cpu":
+            keep_large_blocks_in_heap()
         self.compute_dtype = self.compute_precision()
         self.packed = self.packing(policy)
         self.sampler = self.build_sampler()

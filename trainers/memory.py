@@ -32,6 +32,7 @@ GB = 1e9
 SAFE_SHARE = {"cpu": 0.8, "cuda": 0.9}
 LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
 HEADROOM = 256 * 2**20  # allowed beyond the budget under the probes' limit: thread stacks, allocator arenas
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)
 OPTIMIZER_STATES = {"rmsprop": 1, "adamw": 2, "sgd": 0}  # fp32 tensors per parameter (square_avg; exp_avg, exp_avg_sq)
 
 
@@ -51,6 +52,19 @@ def release_cached(device: torch.device) -> None:
         torch.cuda.empty_cache()
     elif LIBC is not None and hasattr(LIBC, "malloc_trim"):
         LIBC.malloc_trim(0)
+
+
+def keep_large_blocks_in_heap() -> None:
+    """Make glibc serve allocations over 32 MB from its heap, and keep freed heap for reuse.
+
+    By default each of them is a fresh mmap, unmapped at free, so every step pays anew the page
+    faults of its LM-head chunks, weight casts and gradients: x1.37 a fp32 DPO step of SmolLM2 on
+    2 cores (docs/BENCHMARKS.md; the cost for which CPU tuning guides for PyTorch recommend jemalloc
+    or tcmalloc). Resident memory then stays near the step's peak between steps; `release_cached`
+    still hands freed heap back where a measurement needs it."""
+    if LIBC is not None and hasattr(LIBC, "mallopt"):
+        LIBC.mallopt(M_MMAP_MAX, 0)
+        LIBC.mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
 def free_memory(device: torch.device) -> int:
