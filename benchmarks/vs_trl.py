@@ -155,24 +155,27 @@ def allocator(setting: str) -> None:
         basic.keep_large_blocks_in_heap = lambda: None
 
 
-def run_prefopt(args: argparse.Namespace, loss: str, reference: str, dtype: str, packing: str, heap: str = "heap") -> dict:
+def project_trainer(args: argparse.Namespace, loss: str, reference: str, dtype: str = "float32", packing: str = "true"):
+    """This project's BasicTrainer on the benchmark's pairs, built by train.py's own functions."""
     import torch
 
     import train
     from preference_datasets import load_datasets
     from trainers.basic import BasicTrainer, MetricsLog
 
-    allocator(heap)
-
     torch.set_num_threads(2)
     cfg = project_config(args, loss, reference, dtype, packing)
     tokenizer = train.load_tokenizer(cfg)
-
     examples = train.prepare_examples(cfg, load_datasets(cfg.datasets))
     data = train.tokenize_examples(cfg, tokenizer, examples)
     folder = Path(tempfile.mkdtemp())
-    trainer = BasicTrainer(cfg, "align", train.load_policy(cfg, tokenizer), tokenizer, data, folder, MetricsLog(folder / "m.jsonl"),
-                           train.contrast_embeddings(cfg, examples))
+    return BasicTrainer(cfg, "align", train.load_policy(cfg, tokenizer), tokenizer, data, folder, MetricsLog(folder / "m.jsonl"),
+                        train.contrast_embeddings(cfg, examples))
+
+
+def run_prefopt(args: argparse.Namespace, loss: str, reference: str, dtype: str, packing: str, heap: str = "heap") -> dict:
+    allocator(heap)
+    trainer = project_trainer(args, loss, reference, dtype, packing)
     per_step = args.pairs * (2 if loss == "kto" else 1)  # KTO: a pair's two responses are two items
     batches = [list(range(k * per_step, (k + 1) * per_step)) for k in range(args.warmup + args.steps)]
     records = []
@@ -242,17 +245,7 @@ def profile_step(args: argparse.Namespace, dtype: str) -> dict:
     """Where one DPO step's time goes in a dtype: self CPU time by operator (torch profiler), top entries."""
     import torch
 
-    import train
-    from preference_datasets import load_datasets
-    from trainers.basic import BasicTrainer, MetricsLog
-
-    torch.set_num_threads(2)
-    cfg = project_config(args, "dpo", "precomputed", dtype)
-    tokenizer = train.load_tokenizer(cfg)
-    examples = train.prepare_examples(cfg, load_datasets(cfg.datasets))
-    folder = Path(tempfile.mkdtemp())
-    trainer = BasicTrainer(cfg, "align", train.load_policy(cfg, tokenizer), tokenizer, train.tokenize_examples(cfg, tokenizer, examples),
-                           folder, MetricsLog(folder / "m.jsonl"))
+    trainer = project_trainer(args, "dpo", "precomputed", dtype)
     trainer.train_step(list(range(args.pairs)))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
         trainer.train_step(list(range(args.pairs, 2 * args.pairs)))
