@@ -1,14 +1,17 @@
 """This project's training step against TRL's DPOTrainer on the same work, side by side in one invocation.
 
-    python benchmarks/vs_trl.py [--pairs 4] [--steps 4] [--warmup 1] [--repeats 2] [--max-length 256]
+    python benchmarks/vs_trl.py [--pairs 4] [--steps 4] [--warmup 2] [--repeats 2] [--max-length 256]
 
 Both sides train SmolLM2-135M-Instruct in fp32 on 2 threads with RMSprop, beta 0.1 and a constant
 learning rate, on the same HH pairs (helpful-base of ../shared/data/hh-rlhf) in the same order,
 tokenized once by this project (prompts cut from the left to max_length / 2, responses to the rest)
 and handed to TRL as token ids, so that both see exactly the same tokens. Each (side, reference)
 setting runs in its own process (peak memory only grows), the settings alternate, `--repeats`
-times; the first `--warmup` steps of each process are not timed. Tokens/s counts the non-padding
-tokens of the chosen and rejected sequences (prompt + response each), the same for both sides.
+times; the first `--warmup` steps of each process are not timed: the first builds the optimizer
+state, and the second still grows the heap (on a VM whose page faults cost ~4.5 ms/MB that is
+seconds of system time), so the timed steps are the steady state (their page faults are reported).
+Tokens/s counts the non-padding tokens of the chosen and rejected sequences (prompt + response
+each) of the timed steps over their time, the same for both sides.
 The first step's DPO loss must agree (same batch, same weights). It then times this project's
 RPO, Sr-DPO and KTO steps against its DPO step (KTO per pair: each pair's two responses become two
 items), and shows where the time of one DPO step goes (torch profiler, by operator).
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -29,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.memory import PeakSampler, rss_gb  # noqa: E402
+from benchmarks.memory import PeakSampler  # noqa: E402
 
 HH = ROOT.parent / "shared" / "data" / "hh-rlhf"
 LR, BETA, MAX_GRAD_NORM = 1e-6, 0.1, 10.0
@@ -94,18 +98,24 @@ def pair_tokens(pairs) -> int:
     return sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
 
 
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def timed_steps(args: argparse.Namespace, step, batches: list) -> dict:
-    """Run `step(batch)` on every batch: the first `args.warmup` (at least 1) untimed, then timed with the peak RSS."""
+    """Run `step(batch)` on every batch: the first `args.warmup` (at least 1) untimed, then timed
+    with the peak RSS and the page faults of each step."""
     first = step(batches[0])  # untimed with the warm-up steps
     for batch in batches[1 : args.warmup]:
         step(batch)
-    times = []
+    times, faults = [], []
     with PeakSampler() as sampler:
         for batch in batches[max(1, args.warmup) :]:
-            started = time.perf_counter()
+            started, faulted = time.perf_counter(), minor_faults()
             step(batch)
             times.append(time.perf_counter() - started)
-    return {"times": times, "peak_gb": round(sampler.peak, 2), "first": first}
+            faults.append(minor_faults() - faulted)
+    return {"times": times, "faults": faults, "peak_gb": round(sampler.peak, 2), "first": first}
 
 
 def step_flops(model, pairs) -> float:
@@ -180,12 +190,11 @@ def run_prefopt(args: argparse.Namespace, loss: str, reference: str, dtype: str,
     batches = [list(range(k * per_step, (k + 1) * per_step)) for k in range(args.warmup + args.steps)]
     records = []
     result = timed_steps(args, lambda batch: records.append(trainer.train_step(batch)) or first_check(records[0]), batches)
+    timed = [trainer.train_set[i] for batch in batches[max(1, args.warmup) :] for i in batch]
     if loss == "kto":
-        tokens = sum(len(trainer.train_set[i].prompt) + len(trainer.train_set[i].response) for i in batches[-1])
-    else:
-        tokens = pair_tokens([trainer.train_set[i] for i in batches[-1]])
-    flops = None if loss == "kto" else step_flops(trainer.policy, [trainer.train_set[i] for i in batches[-1]])
-    return {**result, "tokens": tokens, "flops": flops, "before_gb": round(rss_gb(), 2)}
+        return {**result, "tokens": sum(len(item.prompt) + len(item.response) for item in timed), "flops": None}
+    flops = sum(step_flops(trainer.policy, timed[k : k + args.pairs]) for k in range(0, len(timed), args.pairs))
+    return {**result, "tokens": pair_tokens(timed), "flops": flops}
 
 
 def run_trl(args: argparse.Namespace, reference: str, heap: str = "default") -> dict:
@@ -215,13 +224,14 @@ def run_trl(args: argparse.Namespace, reference: str, heap: str = "default") -> 
 
     class StepTimes(TrainerCallback):
         def __init__(self):
-            self.times, self.started = [], 0.0
+            self.times, self.faults, self.started, self.faulted = [], [], 0.0, 0
 
         def on_step_begin(self, *unused, **unused_too):
-            self.started = time.perf_counter()
+            self.started, self.faulted = time.perf_counter(), minor_faults()
 
         def on_step_end(self, *unused, **unused_too):
             self.times.append(time.perf_counter() - self.started)
+            self.faults.append(minor_faults() - self.faulted)
 
     config = DPOConfig(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.pairs, max_steps=args.warmup + args.steps,
@@ -237,22 +247,34 @@ def run_trl(args: argparse.Namespace, reference: str, heap: str = "default") -> 
     with PeakSampler() as sampler:
         trainer.train()
     first = next(entry for entry in trainer.state.log_history if "loss" in entry)
-    return {"times": times.times[max(1, args.warmup) :], "peak_gb": round(sampler.peak, 2), "first": first_check(first),
-            "tokens": pair_tokens(pairs[-args.pairs :]), "before_gb": None}
+    return {"times": times.times[max(1, args.warmup) :], "faults": times.faults[max(1, args.warmup) :], "peak_gb": round(sampler.peak, 2),
+            "first": first_check(first), "tokens": pair_tokens(pairs[max(1, args.warmup) * args.pairs :])}
 
 
 def profile_step(args: argparse.Namespace, dtype: str) -> dict:
-    """Where one DPO step's time goes in a dtype: self CPU time by operator (torch profiler), top entries."""
+    """Where one steady-state DPO step's time goes in a dtype: self CPU time by operator (torch
+    profiler), top entries, and the step's page faults.
+
+    The profiler's own records would otherwise move the step's tensors onto fresh pages, and page
+    faults would show as the time of whichever operator first touches them (`fill_`, `copy_`,
+    `sqrt` of [vocab, hidden] tensors): 2 GiB of heap are touched and kept before it starts."""
     import torch
 
+    from trainers.memory import LIBC, M_TRIM_THRESHOLD
+
     trainer = project_trainer(args, "dpo", "precomputed", dtype)
-    trainer.train_step(list(range(args.pairs)))
+    batches = [list(range(k * args.pairs, (k + 1) * args.pairs)) for k in range(args.warmup + 1)]
+    for batch in batches[:-1]:
+        trainer.train_step(batch)
+    LIBC.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+    torch.ones(2**29)  # 2 GiB, freed at once and kept by the heap
+    faulted = minor_faults()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
-        trainer.train_step(list(range(args.pairs, 2 * args.pairs)))
+        trainer.train_step(batches[-1])
     events = profiler.key_averages()
     total = sum(event.self_cpu_time_total for event in events)
     top = sorted(events, key=lambda event: -event.self_cpu_time_total)[:12]
-    return {"top": [(event.key, round(100 * event.self_cpu_time_total / total, 1)) for event in top]}
+    return {"top": [(event.key, round(100 * event.self_cpu_time_total / total, 1)) for event in top], "faults": minor_faults() - faulted}
 
 
 def child(*arguments: str) -> dict | str:
@@ -286,23 +308,26 @@ def compare_with_trl(args: argparse.Namespace, common: list[str]) -> list[str]:
                 continue
             runs.setdefault(name, []).append(result)
             print(f"repeat {repeat + 1}: {name}: {statistics.median(result['times']):.2f} s/step", flush=True)
-    # every setting does the same work (the same last batch): its model FLOPs, over each setting's time
+    # every setting times the same batches: their model FLOPs over each process's time
     flops = next((result["flops"] for results in runs.values() for result in results if result.get("flops")), None)
-    lines = [markdown_row(["setting", "s/step (median)", "spread", "tokens/s", "model FLOPs / matmul peak", "peak RSS",
-                           "first batch: loss / logps chosen / rejected"]), "|---|---:|---:|---:|---:|---:|---:|"]
+    header = ["setting", "s/step (median)", "spread", "tokens/s", "model FLOPs / matmul peak", "peak RSS", "page faults / step",
+              "first batch: loss / logps chosen / rejected"]
+    lines = [markdown_row(header), "|---|" + "---:|" * (len(header) - 1)]
     rows = {}
     for name, results in runs.items():
         times = [t for result in results for t in result["times"]]
-        seconds = statistics.median(times)
+        seconds = statistics.median(sum(result["times"]) for result in results)  # of the timed steps, per process
         dtype = "bfloat16" if "bfloat16" in SETTINGS[name][1] else "float32"
         utilisation = f"{100 * flops / seconds / 1e9 / peaks[dtype]:.0f} %" if flops and dtype in peaks else "n/a"
         rows[name] = row = {"tokens_per_s": results[0]["tokens"] / seconds, "peak_gb": max(result["peak_gb"] for result in results),
                             "first": results[0]["first"]}
-        lines.append(markdown_row([name, f"{seconds:.2f}", f"{max(times) - min(times):.2f}", f"{row['tokens_per_s']:.1f}", utilisation,
-                                   f"{row['peak_gb']:.2f} GB", " / ".join(f"{value:.4f}" for value in row["first"])]))
+        faults = statistics.median(fault for result in results for fault in result["faults"])
+        first = " / ".join(f"{value:.4f}" for value in row["first"])
+        lines.append(markdown_row([name, f"{statistics.median(times):.2f}", f"{max(times) - min(times):.2f}", f"{row['tokens_per_s']:.1f}",
+                                   utilisation, f"{row['peak_gb']:.2f} GB", f"{faults:.0f}", first]))
     lines.append("")
     if flops:
-        lines.append(f"- Model FLOPs of a step: {flops / 1e9:.0f} GFLOP (`step_flops`); matmul peaks of these cores measured in "
+        lines.append(f"- Model FLOPs of the timed steps: {flops / 1e9:.0f} GFLOP (`step_flops`); matmul peaks of these cores measured in "
                      f"this run: " + ", ".join(f"{dtype} {gflops:.0f} GFLOP/s" for dtype, gflops in peaks.items()))
     for ours, theirs in RATIOS:
         if ours in rows and theirs in rows:
@@ -321,7 +346,7 @@ def losses_against_dpo(common: list[str]) -> list[str]:
         if isinstance(result, str):
             lines.append(markdown_row([loss, "failed", result, ""]))
             continue
-        seconds = statistics.median(result["times"])  # every loss's step covers the same pairs (KTO: as 2 items each)
+        seconds = statistics.mean(result["times"])  # every loss's steps cover the same pairs (KTO: as 2 items each)
         dpo = dpo or seconds
         lines.append(markdown_row([loss, f"{seconds:.2f}", f"x{seconds / dpo:.2f}", result["tokens"]]))
     return lines
@@ -342,7 +367,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--write", action="store_true", help="put the tables into docs/BENCHMARKS.md")
@@ -373,7 +398,8 @@ def main() -> None:
     for dtype in ("float32", "bfloat16"):
         profile = child(*common, "--one", "profile", dtype)
         if isinstance(profile, dict):
-            lines += ["", f"Where one DPO step's time goes in {dtype} (self CPU time by operator, torch profiler):", ""]
+            lines += ["", f"Where one steady-state DPO step's time goes in {dtype} (self CPU time by operator, torch profiler; "
+                      f"{profile['faults']} page faults in the step):", ""]
             lines += [markdown_row(["operator", "share"]), "|---|---:|"]
             lines += [markdown_row([f"`{key}`", f"{share} %"]) for key, share in profile["top"]]
     print("\n".join(lines))
