@@ -17,6 +17,11 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach for the hub
+# pytest.ini runs the test files in parallel workers: each worker and the processes its tests start
+# get an equal share of the cores (set before torch starts its thread pool), so they never oversubscribe
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // WORKERS))
 
 import train  # noqa: E402
 from preference_datasets import load_datasets  # noqa: E402
