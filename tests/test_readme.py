@@ -12,6 +12,7 @@ import re
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -116,5 +117,9 @@ def test_readme_command_runs_as_written(command, runs):
     assert fitted, result.stdout[-3000:]  # the default micro_batch_size=auto fitted each stage, and said so
     cfg = composed(shlex.split(command)[2:])
     assert all(int(batch) == cfg.train.batch_size and 1 <= int(micro) <= cfg.train.batch_size for micro, batch in fitted)
+    if sweep_jobs(shlex.split(command)) > 1:  # a sweep ends with its table, one finished row per job
+        table = Path(re.search(r"Sweep table: (\S+)", result.stdout).group(1))
+        jobs = [line for line in table.read_text().splitlines() if "| finished |" in line]
+        assert len(jobs) == sweep_jobs(shlex.split(command)), table.read_text()
     if list(cfg.datasets) == ["demo"]:  # the demo's answers are judged after training, as the README shows
         assert result.stdout.count(" vs chosen (rules judge, 4 held-out prompts): win rate ") >= sweep_jobs(shlex.split(command))

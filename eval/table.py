@@ -1,0 +1,333 @@
+"""Turn runs into a table: one row per run, mean and spread over seeds, plots against the swept keys.
+
+    python -m eval.table outputs/multirun/<time>                 # a sweep (`train.py -m ...`)
+    python -m eval.table outputs/dpo_smollm2_135m/<time> outputs/rpo_smollm2_135m/<time>   # runs
+    python -m eval.table outputs/multirun/<time> --out tables/rpo_tau
+
+Each run gives its overrides (the command-line ones, `.hydra/overrides.yaml`), its seed, the last
+stage's final held-out loss, reward accuracy and margin and preference accuracy, its wall time and,
+where it was judged (`eval.after_training`), its win rates (`summary.json`). Runs that differ only
+in `seed` form a group: mean, sample standard deviation and count. A sweep folder's expected jobs
+come from its `multirun.yaml`, so a job that failed, was stopped or never started is a row that
+says so, never a silent gap. Written to the sweep folder (or `--out`): `table.md`, `runs.csv`,
+`table.csv`, `<key>.png` (each metric against each swept key) and `curves.png` (the training
+curves of every run). `train.py -m` builds it when the sweep ends and prints where it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+METRICS = {  # column: key of the last stage's final held-out evaluation
+    "loss": "loss",
+    "reward accuracy": "rewards/accuracy",
+    "margin": "rewards/margin",
+    "preference accuracy": "logp_accuracy",
+}
+GROUPED_AWAY = "seed"  # runs that differ only in this override are repeats of one setting
+
+
+@dataclass
+class Run:
+    """One run (or one expected job of a sweep that left no run folder)."""
+
+    folder: Path | None
+    overrides: list[str]
+    state: str  # finished | running | stopped | failed | missing
+    seed: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    wall_s: float | None = None
+    curves: list[dict] = field(default_factory=list)
+
+    @property
+    def setting(self) -> tuple[str, ...]:
+        return tuple(o for o in self.overrides if o.split("=", 1)[0].lstrip("+~") != GROUPED_AWAY)
+
+
+def read_run(folder: Path, overrides: list[str] | None = None) -> Run:
+    """A run folder's overrides, state, seed, final metrics, wall time and metric records."""
+    overrides_file = folder / ".hydra" / "overrides.yaml"
+    if overrides is None:
+        overrides = list(OmegaConf.load(overrides_file)) if overrides_file.exists() else []
+    state_file, config_file = folder / "state.json", folder / "config.yaml"
+    state = json.loads(state_file.read_text()) if state_file.exists() else {"state": "failed"}
+    run = Run(folder, [str(o) for o in overrides], state["state"])
+    if config_file.exists():
+        run.seed = OmegaConf.load(config_file).get("seed")
+    summary_file = folder / "summary.json"
+    if run.state == "finished" and summary_file.exists():
+        summary = json.loads(summary_file.read_text())
+        final = list(summary["stages"].values())[-1]["final_eval"]
+        run.metrics = {name: final[key] for name, key in METRICS.items() if final.get(key) is not None}
+        for match, judged in summary.get("judged", {}).items():
+            run.metrics[f"win rate: {match}"] = judged["win_rate"]["rate"]
+        finished = time.mktime(time.strptime(state["updated"], "%Y-%m-%dT%H:%M:%S"))
+        run.wall_s = finished - config_file.stat().st_mtime if config_file.exists() else None
+    metrics_file = folder / "metrics.jsonl"
+    if metrics_file.exists():
+        run.curves = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    return run
+
+
+def expected_jobs(sweep: Path) -> list[list[str]] | None:
+    """The override lists of a sweep's jobs, expanded from its `multirun.yaml` as Hydra's basic
+    sweeper expands them; None for another sweeper (its jobs are known only by their folders)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    config = OmegaConf.load(sweep / "multirun.yaml")
+    if "BasicSweeper" not in str(OmegaConf.select(config, "hydra.sweeper._target_", default="BasicSweeper")):
+        return None
+    parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def run_folders(root: Path) -> list[Path]:
+    """Run folders at or under `root`: those holding the run's own config.yaml (not Hydra's copy)."""
+    if (root / "config.yaml").exists():
+        return [root]
+    return sorted(path.parent for path in root.glob("**/config.yaml") if ".hydra" not in path.parts)
+
+
+def collect(paths: Iterable[Path]) -> list[Run]:
+    """Every run under the paths; for a sweep folder also one `missing` row per job without a run."""
+    runs = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such run or sweep folder")
+        found = [read_run(folder) for folder in run_folders(path)]
+        jobs = expected_jobs(path) if (path / "multirun.yaml").exists() else None
+        if jobs is not None:
+            seen = {frozenset(run.overrides) for run in found}
+            found += [Run(None, job, "missing") for job in jobs if frozenset(job) not in seen]
+        if not found:
+            raise FileNotFoundError(f"{path}: holds no run (a run folder has config.yaml and state.json)")
+        runs += found
+    return runs
+
+
+@dataclass
+class Group:
+    """Runs of one setting (their overrides but the seed): mean, spread and count of each metric."""
+
+    setting: tuple[str, ...]
+    runs: list[Run]
+
+    @property
+    def finished(self) -> list[Run]:
+        return [run for run in self.runs if run.state == "finished"]
+
+    def values(self, metric: str) -> list[float]:
+        return [run.metrics[metric] for run in self.finished if metric in run.metrics]
+
+    def mean(self, metric: str) -> float:
+        values = self.values(metric)
+        return statistics.fmean(values) if values else math.nan
+
+    def std(self, metric: str) -> float:
+        """The sample standard deviation over seeds (0 for a single run)."""
+        values = self.values(metric)
+        return statistics.stdev(values) if len(values) > 1 else (0.0 if values else math.nan)
+
+
+def group_runs(runs: Sequence[Run]) -> list[Group]:
+    groups: dict[tuple[str, ...], list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.setting, []).append(run)
+    return [Group(setting, members) for setting, members in groups.items()]
+
+
+def metric_names(runs: Sequence[Run]) -> list[str]:
+    return list(dict.fromkeys(name for run in runs for name in [*METRICS, *run.metrics] if name in run.metrics))
+
+
+def swept_keys(runs: Sequence[Run]) -> list[str]:
+    """Override keys (seed aside) that take more than one value across the runs."""
+    values: dict[str, set[str]] = {}
+    for run in runs:
+        for override in run.setting:
+            key, _, value = override.partition("=")
+            values.setdefault(key, set()).add(value)
+    return [key for key, seen in values.items() if len(seen) > 1]
+
+
+def label(setting: Sequence[str]) -> str:
+    return " ".join(setting) or "(no overrides)"
+
+
+def markdown(runs: Sequence[Run], groups: Sequence[Group]) -> str:
+    """The per-setting table (mean ± sd (n)), the per-run table and the runs that did not finish."""
+    names = metric_names(runs)
+    lines = ["| setting | runs finished | " + " | ".join(names) + " | wall time |", "|---|---:|" + "---:|" * (len(names) + 1)]
+    for group in groups:
+        cells = [f"{group.mean(n):.4f} ± {group.std(n):.4f} ({len(group.values(n))})" if group.values(n) else "-" for n in names]
+        walls = [run.wall_s for run in group.finished if run.wall_s is not None]
+        wall = f"{statistics.fmean(walls) / 60:.1f} min" if walls else "-"
+        lines.append(f"| {label(group.setting)} | {len(group.finished)} / {len(group.runs)} | " + " | ".join(cells) + f" | {wall} |")
+    lines += ["", "| run | seed | state | " + " | ".join(names) + " | wall time |", "|---|---:|---|" + "---:|" * (len(names) + 1)]
+    for run in runs:
+        cells = [f"{run.metrics[n]:.4f}" if n in run.metrics else "-" for n in names]
+        wall = f"{run.wall_s / 60:.1f} min" if run.wall_s is not None else "-"
+        lines.append(f"| {run.folder or label(run.overrides)} | {'-' if run.seed is None else run.seed} | {run.state} | "
+                     + " | ".join(cells) + f" | {wall} |")
+    unfinished = [run for run in runs if run.state != "finished"]
+    if unfinished:
+        lines += ["", f"{len(unfinished)} of {len(runs)} runs did not finish (left out of the means):"]
+        lines += [f"- {run.state}: {run.folder or label(run.overrides)}" for run in unfinished]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(path: Path, header: list[str], rows: Iterable[list]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def write_tables(runs: Sequence[Run], groups: Sequence[Group], out: Path) -> None:
+    names = metric_names(runs)
+    write_csv(out / "runs.csv", ["run", "overrides", "seed", "state", *names, "wall_s"],
+              ([str(run.folder or ""), " ".join(run.overrides), run.seed, run.state, *(run.metrics.get(n, "") for n in names),
+                run.wall_s if run.wall_s is not None else ""] for run in runs))
+    columns = [f"{n} {statistic}" for n in names for statistic in ("mean", "sd", "min", "max", "n")]
+    rows = []
+    for group in groups:
+        cells = []
+        for name in names:
+            values = group.values(name)
+            cells += [group.mean(name), group.std(name), min(values, default=""), max(values, default=""), len(values)]
+        rows.append([label(group.setting), len(group.finished), len(group.runs), *cells])
+    write_csv(out / "table.csv", ["setting", "runs_finished", "runs", *columns], rows)
+    (out / "table.md").write_text(markdown(runs, groups))
+
+
+def numeric(value: str) -> float | None:
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def plot_against_keys(runs: Sequence[Run], groups: Sequence[Group], out: Path) -> list[Path]:
+    """For each swept key: every metric against the key's value, one line per setting of the other
+    keys, error bars one standard deviation over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, written = metric_names(runs), []
+    for key in swept_keys(runs):
+        lines: dict[str, list[tuple[str, Group]]] = {}
+        for group in groups:
+            value = next((o.partition("=")[2] for o in group.setting if o.partition("=")[0] == key), None)
+            if value is not None:
+                rest = [o for o in group.setting if o.partition("=")[0] != key]
+                lines.setdefault(label(rest), []).append((value, group))
+        values = list(dict.fromkeys(v for members in lines.values() for v, _ in members))
+        as_numbers = [numeric(v) for v in values]
+        position = dict(zip(values, as_numbers, strict=True)) if None not in as_numbers else {v: i for i, v in enumerate(values)}
+        figure, axes = plt.subplots(1, len(names), figsize=(3.8 * len(names), 3.2), squeeze=False)
+        for axis, name in zip(axes[0], names, strict=True):
+            for line, members in lines.items():
+                members = sorted((m for m in members if m[1].values(name)), key=lambda m: position[m[0]])
+                if members:
+                    axis.errorbar([position[v] for v, _ in members], [g.mean(name) for _, g in members],
+                                  yerr=[g.std(name) for _, g in members], marker="o", capsize=3, label=line)
+            if None in as_numbers:
+                axis.set_xticks(range(len(values)), values, rotation=30, fontsize=7)
+            axis.set_xlabel(key)
+            axis.set_title(name, fontsize=9)
+            axis.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=6)
+        figure.tight_layout()
+        path = out / f"{key.replace('/', '_')}.png"
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+def plot_curves(runs: Sequence[Run], out: Path) -> Path:
+    """Training loss and held-out reward accuracy of every run against examples seen (stages in turn)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from eval.plots import stage_offsets
+
+    panels = [("training loss", "loss"), ("held-out loss", "eval/loss"), ("held-out reward accuracy", "eval/rewards/accuracy")]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for axis, (title, key) in zip(axes[0], panels, strict=True):
+        for number, run in enumerate(r for r in runs if r.curves):
+            offsets = stage_offsets(run.curves)
+            points = [(offsets[r["stage"]] + r["examples"], r[key]) for r in run.curves if key in r]
+            if points:
+                seed = f" seed={run.seed}" if run.seed is not None else ""
+                axis.plot(*zip(*points, strict=True), color=f"C{number % 10}", linewidth=1, label=label(run.setting) + seed)
+        axis.set_title(title, fontsize=9)
+        axis.set_xlabel("examples seen")
+        axis.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=6)
+    figure.tight_layout()
+    path = out / "curves.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def build_table(paths: Sequence[Path], out: Path | None = None) -> Path:
+    """Collect the runs, write the tables and plots into `out` (the first path if it is a sweep
+    folder, else the current folder); return the markdown table's path."""
+    runs = collect(paths)
+    out = Path(out or (paths[0] if len(paths) == 1 and (Path(paths[0]) / "multirun.yaml").exists() else "."))
+    out.mkdir(parents=True, exist_ok=True)
+    groups = group_runs(runs)
+    write_tables(runs, groups, out)
+    plot_against_keys(runs, groups, out)
+    plot_curves(runs, out)
+    return out / "table.md"
+
+
+class SweepTable(Callback):
+    """Hydra callback (config/config.yaml): when a `-m` sweep ends, build its table and say where."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep = Path(config.hydra.sweep.dir)
+        if not (sweep / "multirun.yaml").exists():
+            return
+        try:
+            table = build_table([sweep])
+        except Exception as error:  # a table that cannot be built must not hide the sweep's own outcome
+            print(f"Sweep table: not built ({type(error).__name__}: {error}); run python -m eval.table {sweep}")
+            return
+        print(f"\nSweep table: {table} (python -m eval.table {sweep})")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="+", type=Path, help="a sweep folder (outputs/multirun/<time>) or run folders")
+    parser.add_argument("--out", type=Path, help="where to write the tables and plots (default: the sweep folder, else .)")
+    args = parser.parse_args(argv)
+    try:
+        table = build_table(args.paths, args.out)
+    except FileNotFoundError as error:
+        parser.exit(2, f"error: {error}\n")
+    print(table.read_text())
+    print(f"Written: {table}, {table.with_name('table.csv')}, {table.with_name('runs.csv')} and the plots beside them")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""eval.table: a sweep folder becomes per-run and per-setting tables (mean, spread, count over
+seeds), plots against the swept key and the training curves; failed and missing jobs are rows."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from eval.table import build_table, collect
+
+ROOT = Path(__file__).resolve().parents[1]
+ACCURACY = {("0.25", 0): 0.5, ("0.25", 1): 0.75, ("0.25", 2): 1.0, ("0.5", 0): 0.25}  # finished jobs: (tau, seed) -> accuracy
+FAILED, MISSING = ("0.5", 1), ("0.5", 2)  # a job that failed mid-run, and one that left no folder (refused at start)
+
+
+def write_job(sweep: Path, number: int, tau: str, seed: int) -> None:
+    folder = sweep / f"{number}_rpo_tiny"
+    (folder / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create([f"loss.tau={tau}", f"seed={seed}"]), folder / ".hydra" / "overrides.yaml")
+    OmegaConf.save(OmegaConf.create({"seed": seed, "loss": {"tau": float(tau)}}), folder / "config.yaml")
+    if (tau, seed) == FAILED:
+        (folder / "state.json").write_text(json.dumps({"state": "failed", "updated": "2026-12-03T10:00:00"}))
+        return
+    accuracy = ACCURACY[(tau, seed)]
+    final = {"loss": 1 - accuracy / 2, "rewards/accuracy": accuracy, "rewards/margin": 2 * accuracy, "logp_accuracy": accuracy}
+    summary = {"stages": {"sft": {"final_eval": {"loss": 9.0, "logp_accuracy": 0.0}}, "align": {"final_eval": final}}}
+    if seed == 0:
+        summary["judged"] = {"align vs chosen": {"win_rate": {"rate": accuracy / 4}}}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    (folder / "state.json").write_text(json.dumps({"state": "finished", "updated": "2026-12-03T10:00:00"}))
+    records = [{"stage": "sft", "examples": 8, "loss": 2.0}, {"stage": "align", "examples": 0, "eval/rewards/accuracy": 0.0},
+               {"stage": "align", "examples": 8, "loss": 0.6, "eval/loss": 0.7, "eval/rewards/accuracy": accuracy}]
+    (folder / "metrics.jsonl").write_text("\n".join(map(json.dumps, records)) + "\n")
+
+
+@pytest.fixture
+def sweep(tmp_path) -> Path:
+    """A finished two-by-three sweep as train.py -m leaves it: multirun.yaml and one folder per job."""
+    folder = tmp_path / "multirun" / "2026-12-03_10-00-00"
+    folder.mkdir(parents=True)
+    multirun = {"hydra": {"sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"},
+                          "overrides": {"task": ["loss.tau=0.25,0.5", "seed=0,1,2"]}}}
+    OmegaConf.save(OmegaConf.create(multirun), folder / "multirun.yaml")
+    for number, (tau, seed) in enumerate((tau, seed) for tau in ("0.25", "0.5") for seed in range(3)):
+        if (tau, seed) != MISSING:
+            write_job(folder, number, tau, seed)
+    return folder
+
+
+def rows(path: Path) -> list[dict]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_every_expected_job_is_a_row_failed_and_missing_ones_too(sweep):
+    runs = collect([sweep])
+    states = {(next(o for o in run.overrides if o.startswith("loss.tau")), run.state) for run in runs}
+    assert len(runs) == 6
+    assert sum(run.state == "finished" for run in runs) == 4
+    assert ("loss.tau=0.5", "failed") in states and ("loss.tau=0.5", "missing") in states
+
+
+def test_the_setting_table_has_mean_spread_and_count_over_seeds(sweep):
+    table = build_table([sweep])
+    assert table == sweep / "table.md"
+    settings = {row["setting"]: row for row in rows(sweep / "table.csv")}
+    assert set(settings) == {"loss.tau=0.25", "loss.tau=0.5"}
+    full, partial = settings["loss.tau=0.25"], settings["loss.tau=0.5"]
+    values = [ACCURACY[("0.25", seed)] for seed in range(3)]
+    assert float(full["reward accuracy mean"]) == pytest.approx(statistics.fmean(values))
+    assert float(full["reward accuracy sd"]) == pytest.approx(statistics.stdev(values))
+    assert (full["reward accuracy min"], full["reward accuracy max"], full["reward accuracy n"]) == ("0.5", "1.0", "3")
+    assert float(full["margin mean"]) == pytest.approx(2 * statistics.fmean(values))
+    assert float(full["loss mean"]) == pytest.approx(1 - statistics.fmean(values) / 2)  # the last stage's, not the SFT's
+    assert (partial["runs_finished"], partial["runs"], partial["reward accuracy n"]) == ("1", "3", "1")
+    assert float(partial["reward accuracy mean"]) == pytest.approx(0.25)  # the failed job is left out, not counted as 0
+    assert float(full["win rate: align vs chosen mean"]) == pytest.approx(0.5 / 4)  # judged: seed 0 only
+    markdown = table.read_text()
+    assert "| loss.tau=0.25 | 3 / 3 | 0.6250 ± 0.1250 (3) | 0.7500 ± 0.2500 (3) |" in markdown  # loss, then reward accuracy
+    assert "2 of 6 runs did not finish" in markdown
+    assert "- missing: loss.tau=0.5 seed=2" in markdown and "- failed: " in markdown
+
+
+def test_runs_csv_has_one_row_per_job_with_its_seed_and_state(sweep):
+    build_table([sweep])
+    table = rows(sweep / "runs.csv")
+    assert len(table) == 6
+    finished = [row for row in table if row["state"] == "finished"]
+    assert sorted(float(row["reward accuracy"]) for row in finished) == sorted(ACCURACY.values())
+    assert {row["seed"] for row in table if row["state"] == "missing"} == {""}
+
+
+def test_the_plots_are_written(sweep):
+    build_table([sweep])
+    for name in ("loss.tau.png", "curves.png"):
+        data = (sweep / name).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 10_000, name
+
+
+def test_run_folders_without_a_sweep_make_a_table_where_asked(sweep, tmp_path):
+    folders = sorted(p for p in sweep.iterdir() if p.is_dir())
+    table = build_table(folders[:2], tmp_path / "out")
+    assert table == tmp_path / "out" / "table.md"
+    assert len(rows(tmp_path / "out" / "runs.csv")) == 2
+
+
+def test_the_command_line_prints_the_table_and_refuses_a_missing_folder(sweep, tmp_path):
+    command = [sys.executable, "-m", "eval.table"]
+    result = subprocess.run([*command, str(sweep)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| loss.tau=0.25 | 3 / 3 |" in result.stdout and "table.csv" in result.stdout
+    result = subprocess.run([*command, str(tmp_path / "nowhere")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "nowhere: no such run or sweep folder" in result.stderr
