@@ -162,25 +162,42 @@ def swept_keys(runs: Sequence[Run]) -> list[str]:
     return [key for key, seen in values.items() if len(seen) > 1]
 
 
-def label(setting: Sequence[str]) -> str:
-    return " ".join(setting) or "(no overrides)"
+def label(setting: Sequence[str], keys: Sequence[str] | None = None) -> str:
+    """The overrides of a setting, only those of `keys` (the swept ones) if given."""
+    shown = [o for o in setting if keys is None or o.partition("=")[0] in keys]
+    return " ".join(shown) or "(no overrides)"
+
+
+def common_overrides(runs: Sequence[Run]) -> list[str]:
+    """Overrides every run shares (printed once above the tables instead of in every row)."""
+    shared = set(runs[0].setting) if runs else set()
+    for run in runs[1:]:
+        shared &= set(run.setting)
+    return [o for o in runs[0].setting if o in shared] if runs else []
+
+
+def wall(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def markdown(runs: Sequence[Run], groups: Sequence[Group]) -> str:
     """The per-setting table (mean ± sd (n)), the per-run table and the runs that did not finish."""
-    names = metric_names(runs)
-    lines = ["| setting | runs finished | " + " | ".join(names) + " | wall time |", "|---|---:|" + "---:|" * (len(names) + 1)]
+    names, keys, common = metric_names(runs), swept_keys(runs), common_overrides(runs)
+    lines = [f"Overrides of every run: {' '.join(common) or '(none)'}", ""] if common and keys else []
+    lines += ["| setting | runs finished | " + " | ".join(names) + " | wall time |", "|---|---:|" + "---:|" * (len(names) + 1)]
     for group in groups:
         cells = [f"{group.mean(n):.4f} ± {group.std(n):.4f} ({len(group.values(n))})" if group.values(n) else "-" for n in names]
         walls = [run.wall_s for run in group.finished if run.wall_s is not None]
-        wall = f"{statistics.fmean(walls) / 60:.1f} min" if walls else "-"
-        lines.append(f"| {label(group.setting)} | {len(group.finished)} / {len(group.runs)} | " + " | ".join(cells) + f" | {wall} |")
+        shown = label(group.setting, keys if keys else None)
+        lines.append(f"| {shown} | {len(group.finished)} / {len(group.runs)} | " + " | ".join(cells)
+                     + f" | {wall(statistics.fmean(walls) if walls else None)} |")
     lines += ["", "| run | seed | state | " + " | ".join(names) + " | wall time |", "|---|---:|---|" + "---:|" * (len(names) + 1)]
     for run in runs:
         cells = [f"{run.metrics[n]:.4f}" if n in run.metrics else "-" for n in names]
-        wall = f"{run.wall_s / 60:.1f} min" if run.wall_s is not None else "-"
         lines.append(f"| {run.folder or label(run.overrides)} | {'-' if run.seed is None else run.seed} | {run.state} | "
-                     + " | ".join(cells) + f" | {wall} |")
+                     + " | ".join(cells) + f" | {wall(run.wall_s)} |")
     unfinished = [run for run in runs if run.state != "finished"]
     if unfinished:
         lines += ["", f"{len(unfinished)} of {len(runs)} runs did not finish (left out of the means):"]
@@ -233,7 +250,8 @@ def plot_against_keys(runs: Sequence[Run], groups: Sequence[Group], out: Path) -
         for group in groups:
             value = next((o.partition("=")[2] for o in group.setting if o.partition("=")[0] == key), None)
             if value is not None:
-                rest = [o for o in group.setting if o.partition("=")[0] != key]
+                others = [k for k in swept_keys(runs) if k != key]
+                rest = [o for o in group.setting if o.partition("=")[0] in others]
                 lines.setdefault(label(rest), []).append((value, group))
         values = list(dict.fromkeys(v for members in lines.values() for v, _ in members))
         as_numbers = [numeric(v) for v in values]
@@ -250,7 +268,8 @@ def plot_against_keys(runs: Sequence[Run], groups: Sequence[Group], out: Path) -
             axis.set_xlabel(key)
             axis.set_title(name, fontsize=9)
             axis.grid(alpha=0.3)
-        axes[0][0].legend(fontsize=6)
+        if len(lines) > 1:
+            axes[0][0].legend(fontsize=6)
         figure.tight_layout()
         path = out / f"{key.replace('/', '_')}.png"
         figure.savefig(path, dpi=110)
@@ -269,6 +288,7 @@ def plot_curves(runs: Sequence[Run], out: Path) -> Path:
     from eval.plots import stage_offsets
 
     panels = [("training loss", "loss"), ("held-out loss", "eval/loss"), ("held-out reward accuracy", "eval/rewards/accuracy")]
+    keys = swept_keys(runs) or None
     figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for axis, (title, key) in zip(axes[0], panels, strict=True):
         for number, run in enumerate(r for r in runs if r.curves):
@@ -276,7 +296,7 @@ def plot_curves(runs: Sequence[Run], out: Path) -> Path:
             points = [(offsets[r["stage"]] + r["examples"], r[key]) for r in run.curves if key in r]
             if points:
                 seed = f" seed={run.seed}" if run.seed is not None else ""
-                axis.plot(*zip(*points, strict=True), color=f"C{number % 10}", linewidth=1, label=label(run.setting) + seed)
+                axis.plot(*zip(*points, strict=True), color=f"C{number % 10}", linewidth=1, label=label(run.setting, keys) + seed)
         axis.set_title(title, fontsize=9)
         axis.set_xlabel("examples seen")
         axis.grid(alpha=0.3)

@@ -23,7 +23,7 @@ FAILED, MISSING = ("0.5", 1), ("0.5", 2)  # a job that failed mid-run, and one t
 def write_job(sweep: Path, number: int, tau: str, seed: int) -> None:
     folder = sweep / f"{number}_rpo_tiny"
     (folder / ".hydra").mkdir(parents=True)
-    OmegaConf.save(OmegaConf.create([f"loss.tau={tau}", f"seed={seed}"]), folder / ".hydra" / "overrides.yaml")
+    OmegaConf.save(OmegaConf.create(["model=tiny", f"loss.tau={tau}", f"seed={seed}"]), folder / ".hydra" / "overrides.yaml")
     OmegaConf.save(OmegaConf.create({"seed": seed, "loss": {"tau": float(tau)}}), folder / "config.yaml")
     if (tau, seed) == FAILED:
         (folder / "state.json").write_text(json.dumps({"state": "failed", "updated": "2026-12-03T10:00:00"}))
@@ -46,7 +46,7 @@ def sweep(tmp_path) -> Path:
     folder = tmp_path / "multirun" / "2026-12-03_10-00-00"
     folder.mkdir(parents=True)
     multirun = {"hydra": {"sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"},
-                          "overrides": {"task": ["loss.tau=0.25,0.5", "seed=0,1,2"]}}}
+                          "overrides": {"task": ["model=tiny", "loss.tau=0.25,0.5", "seed=0,1,2"]}}}
     OmegaConf.save(OmegaConf.create(multirun), folder / "multirun.yaml")
     for number, (tau, seed) in enumerate((tau, seed) for tau in ("0.25", "0.5") for seed in range(3)):
         if (tau, seed) != MISSING:
@@ -71,8 +71,8 @@ def test_the_setting_table_has_mean_spread_and_count_over_seeds(sweep):
     table = build_table([sweep])
     assert table == sweep / "table.md"
     settings = {row["setting"]: row for row in rows(sweep / "table.csv")}
-    assert set(settings) == {"loss.tau=0.25", "loss.tau=0.5"}
-    full, partial = settings["loss.tau=0.25"], settings["loss.tau=0.5"]
+    assert set(settings) == {"model=tiny loss.tau=0.25", "model=tiny loss.tau=0.5"}
+    full, partial = settings["model=tiny loss.tau=0.25"], settings["model=tiny loss.tau=0.5"]
     values = [ACCURACY[("0.25", seed)] for seed in range(3)]
     assert float(full["reward accuracy mean"]) == pytest.approx(statistics.fmean(values))
     assert float(full["reward accuracy sd"]) == pytest.approx(statistics.stdev(values))
@@ -83,9 +83,11 @@ def test_the_setting_table_has_mean_spread_and_count_over_seeds(sweep):
     assert float(partial["reward accuracy mean"]) == pytest.approx(0.25)  # the failed job is left out, not counted as 0
     assert float(full["win rate: align vs chosen mean"]) == pytest.approx(0.5 / 4)  # judged: seed 0 only
     markdown = table.read_text()
-    assert "| loss.tau=0.25 | 3 / 3 | 0.6250 ± 0.1250 (3) | 0.7500 ± 0.2500 (3) |" in markdown  # loss, then reward accuracy
+    # the override every run shares is said once; a setting's row names the swept key; loss, then reward accuracy
+    assert markdown.startswith("Overrides of every run: model=tiny\n")
+    assert "| loss.tau=0.25 | 3 / 3 | 0.6250 ± 0.1250 (3) | 0.7500 ± 0.2500 (3) |" in markdown
     assert "2 of 6 runs did not finish" in markdown
-    assert "- missing: loss.tau=0.5 seed=2" in markdown and "- failed: " in markdown
+    assert "- missing: model=tiny loss.tau=0.5 seed=2" in markdown and "- failed: " in markdown
 
 
 def test_runs_csv_has_one_row_per_job_with_its_seed_and_state(sweep):
