@@ -23,20 +23,14 @@ PANELS = [
 ]
 
 
-def stage_offsets(records: list[dict]) -> dict[str, int]:
-    """Where each stage starts along an examples-seen axis on which the stages follow each other."""
-    offsets, start = {}, 0
-    for stage in dict.fromkeys(r["stage"] for r in records):
-        offsets[stage] = start
-        start += max(r["examples"] for r in records if r["stage"] == stage)
-    return offsets
-
-
 def plot_metrics(metrics_path: Path, out_path: Path | None = None) -> Path:
     """One panel per metric; the stages follow each other along the x axis (examples seen)."""
     records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-    offsets = stage_offsets(records)
-    stages = list(offsets)
+    stages = list(dict.fromkeys(r["stage"] for r in records))
+    offsets, start = {}, 0
+    for stage in stages:
+        offsets[stage] = start
+        start += max(r["examples"] for r in records if r["stage"] == stage)
     panels = [(title, key) for title, key in PANELS if any(key in r for r in records)]
     figure, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False)
     for axis, (title, key) in zip(axes[0], panels, strict=True):

@@ -279,26 +279,25 @@ def plot_against_keys(runs: Sequence[Run], groups: Sequence[Group], out: Path) -
 
 
 def plot_curves(runs: Sequence[Run], out: Path) -> Path:
-    """Training loss and held-out reward accuracy of every run against examples seen (stages in turn)."""
+    """Training loss, held-out loss and reward accuracy of every run's last stage (the one the
+    sweep compares: alignment after a shared SFT) against the examples that stage has seen."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from eval.plots import stage_offsets
 
     panels = [("training loss", "loss"), ("held-out loss", "eval/loss"), ("held-out reward accuracy", "eval/rewards/accuracy")]
     keys = swept_keys(runs) or None
     figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for axis, (title, key) in zip(axes[0], panels, strict=True):
         for number, run in enumerate(r for r in runs if r.curves):
-            offsets = stage_offsets(run.curves)
-            points = [(offsets[r["stage"]] + r["examples"], r[key]) for r in run.curves if key in r]
+            last = run.curves[-1]["stage"]
+            points = [(r["examples"], r[key]) for r in run.curves if r["stage"] == last and key in r]
             if points:
                 seed = f" seed={run.seed}" if run.seed is not None else ""
                 axis.plot(*zip(*points, strict=True), color=f"C{number % 10}", linewidth=1, label=label(run.setting, keys) + seed)
         axis.set_title(title, fontsize=9)
-        axis.set_xlabel("examples seen")
+        axis.set_xlabel("examples seen (last stage)")
         axis.grid(alpha=0.3)
     axes[0][0].legend(fontsize=6)
     figure.tight_layout()
