@@ -339,24 +339,34 @@ def compare_with_trl(args: argparse.Namespace, common: list[str]) -> list[str]:
     return lines
 
 
-def losses_against_dpo(common: list[str]) -> list[str]:
-    lines, dpo = [markdown_row(["loss", "s/step", "x DPO step", "tokens"]), "|---|---:|---:|---:|"], None
+def losses_against_dpo(args: argparse.Namespace, common: list[str]) -> list[str]:
+    """Each loss's step time over the DPO step's: every loss's steps cover the same pairs (KTO: as
+    2 items each); the losses alternate, `args.repeats` processes each, and each process's mean
+    step time is divided by the DPO process's of the same round (the machine drifts between rounds)."""
+    rounds: list[dict[str, dict | str]] = []
+    for repeat in range(args.repeats):
+        rounds.append({loss: child(*common, "--one", "prefopt", f"{loss}:precomputed:float32:true") for loss in LOSSES})
+        print(f"repeat {repeat + 1}: losses " + ", ".join(f"{loss} {statistics.mean(r['times']):.2f} s/step"
+                                                          for loss, r in rounds[-1].items() if isinstance(r, dict)), flush=True)
+    lines = [markdown_row(["loss", "s/step (mean of each process)", "x DPO step (per round)", "tokens"]), "|---|---|---|---:|"]
     for loss in LOSSES:
-        result = child(*common, "--one", "prefopt", f"{loss}:precomputed:float32:true")
-        if isinstance(result, str):
-            lines.append(markdown_row([loss, "failed", result, ""]))
+        failed = [r[loss] for r in rounds if isinstance(r[loss], str)]
+        if failed or any(isinstance(r["dpo"], str) for r in rounds):
+            lines.append(markdown_row([loss, "failed", (failed or ["dpo failed"])[0], ""]))
             continue
-        seconds = statistics.mean(result["times"])  # every loss's steps cover the same pairs (KTO: as 2 items each)
-        dpo = dpo or seconds
-        lines.append(markdown_row([loss, f"{seconds:.2f}", f"x{seconds / dpo:.2f}", result["tokens"]]))
+        seconds = [statistics.mean(r[loss]["times"]) for r in rounds]
+        ratios = [statistics.mean(r[loss]["times"]) / statistics.mean(r["dpo"]["times"]) for r in rounds]
+        lines.append(markdown_row([loss, " / ".join(f"{t:.2f}" for t in seconds),
+                                   f"**x{statistics.median(ratios):.2f}** (" + " / ".join(f"x{x:.2f}" for x in ratios) + ")",
+                                   rounds[0][loss]["tokens"]]))
     return lines
 
 
-def write_section(lines: list[str]) -> None:
-    """Replace the generated part of docs/BENCHMARKS.md (between the markers) with `lines`."""
+def write_section(lines: list[str], name: str) -> None:
+    """Replace a generated part of docs/BENCHMARKS.md (between the markers `name`) with `lines`."""
     path = ROOT / "docs" / "BENCHMARKS.md"
     text = path.read_text()
-    begin, end = "<!-- vs_trl.py: begin -->", "<!-- vs_trl.py: end -->"
+    begin, end = f"<!-- {name}: begin -->", f"<!-- {name}: end -->"
     if begin not in text:
         text += f"\n{begin}\n{end}\n"
     head, rest = text.split(begin)
@@ -371,6 +381,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--write", action="store_true", help="put the tables into docs/BENCHMARKS.md")
+    parser.add_argument("--losses-only", action="store_true", help="only this project's losses against its DPO step")
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # side, its setting: one setting in this process
     args = parser.parse_args()
     if args.one:
@@ -393,8 +404,14 @@ def main() -> None:
     lines = [f"{args.pairs} pairs per step, max_length {args.max_length}, {args.steps} timed steps after {args.warmup} "
              f"untimed per process, {args.repeats} processes per setting, alternating.", ""]
     child(*common, "--one", "prepare", "-")
-    lines += compare_with_trl(args, common) + ["", "This project's losses on the same pairs (reference precomputed, fp32):", ""]
-    lines += losses_against_dpo(common)
+    losses = [lines[0], "", "This project's losses on the same pairs (reference precomputed, fp32):", ""]
+    losses += losses_against_dpo(args, common)
+    if args.losses_only:
+        print("\n".join(losses))
+        if args.write:
+            write_section(losses, "vs_trl.py losses")
+        return
+    lines += compare_with_trl(args, common)
     for dtype in ("float32", "bfloat16"):
         profile = child(*common, "--one", "profile", dtype)
         if isinstance(profile, dict):
@@ -402,9 +419,10 @@ def main() -> None:
                       f"{profile['faults']} page faults in the step):", ""]
             lines += [markdown_row(["operator", "share"]), "|---|---:|"]
             lines += [markdown_row([f"`{key}`", f"{share} %"]) for key, share in profile["top"]]
-    print("\n".join(lines))
+    print("\n".join(lines + losses))
     if args.write:
-        write_section(lines)
+        write_section(lines, "vs_trl.py")
+        write_section(losses, "vs_trl.py losses")
 
 
 if __name__ == "__main__":
