@@ -68,6 +68,18 @@ def build(cfg, folder: Path, stage: str = "align"):
     return trainer_class(cfg, stage, policy, tokenizer, data, folder / stage, metrics, train.contrast_embeddings(cfg, examples))
 
 
+SPREAD_OVER_WORKERS = {"test_readme.py"}  # independent CLI runs, the longest file of the suite
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under `--dist loadgroup` (pytest.ini) a file's tests run on one worker, so its module
+    fixtures are built once; the README's commands are spread over the workers."""
+    for item in items:
+        if item.path.name not in SPREAD_OVER_WORKERS:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
+
+
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
     from transformers import AutoTokenizer
