@@ -58,7 +58,7 @@ def keep_large_blocks_in_heap() -> None:
     """Make glibc serve allocations over 32 MB from its heap, and keep freed heap for reuse.
 
     By default each of them is a fresh mmap, unmapped at free, so every step pays anew the page
-    faults of its LM-head chunks, weight casts and gradients: x1.27 a fp32 DPO step of SmolLM2 on
+    faults of its LM-head chunks, weight casts and gradients: x1.20 a fp32 DPO step of SmolLM2 on
     2 cores (docs/BENCHMARKS.md; the cost for which CPU tuning guides for PyTorch recommend jemalloc
     or tcmalloc). Resident memory then stays near the step's peak between steps; `release_cached`
     still hands freed heap back where a measurement needs it."""
