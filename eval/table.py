@@ -55,11 +55,10 @@ class Run:
         return tuple(o for o in self.overrides if o.split("=", 1)[0].lstrip("+~") != GROUPED_AWAY)
 
 
-def read_run(folder: Path, overrides: list[str] | None = None) -> Run:
+def read_run(folder: Path) -> Run:
     """A run folder's overrides, state, seed, final metrics, wall time and metric records."""
     overrides_file = folder / ".hydra" / "overrides.yaml"
-    if overrides is None:
-        overrides = list(OmegaConf.load(overrides_file)) if overrides_file.exists() else []
+    overrides = list(OmegaConf.load(overrides_file)) if overrides_file.exists() else []
     state_file, config_file = folder / "state.json", folder / "config.yaml"
     state = json.loads(state_file.read_text()) if state_file.exists() else {"state": "failed"}
     run = Run(folder, [str(o) for o in overrides], state["state"])
