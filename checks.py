@@ -19,7 +19,7 @@ from eval.after_training import AFTER_TRAINING, demo_only
 from eval.sampling import check_generation
 from preference_datasets import BalancedSampler, LabelledResponse
 from trainers import TRAINERS
-from trainers.basic import OPTIMIZERS
+from trainers.basic import LR_SCHEDULES, OPTIMIZERS
 from trainers.losses import LossSpec
 from utils import Checker, ConfigError
 
@@ -48,6 +48,9 @@ def check_config(cfg: DictConfig) -> LossSpec:
     for stage in ("sft", "align"):
         check.positive(f"{stage}.lr")
         check.whole(f"{stage}.warmup_steps", low=0)
+        check.choice(f"{stage}.lr_schedule", LR_SCHEDULES)
+        if check.value(f"{stage}.warmup_ratio", None) is not None:
+            check.number(f"{stage}.warmup_ratio", 0.0, 1.0)
         check.whole(f"{stage}.epochs")
         check.whole(f"{stage}.max_examples", optional=True)
     for key in ("sft.enabled", "train.skip_nonfinite", "train.packing", "reference.precompute", "wandb.enabled", "debug"):

@@ -95,6 +95,8 @@ CASES: dict[str, tuple[list[str], str | None, list[str], int]] = {
     "max examples zero (was: no limit)": (["sft.max_examples=0"], None, ["sft.max_examples=0"], 1),
     "negative learning rate": (["align.lr=-1e-6"], None, ["align.lr=-1e-06"], 1),
     "zero epochs": (["sft.epochs=0"], None, ["sft.epochs=0"], 1),
+    "schedule typo": (["align.lr_schedule=linear"], None, ["align.lr_schedule='linear'", "cosine"], 1),
+    "warmup ratio over 1": (["sft.warmup_ratio=10"], None, ["sft.warmup_ratio=10"], 1),
     "memory budget negative": (["train.memory_budget=-3"], None, ["train.memory_budget=-3"], 1),
     "max grad norm zero": (["train.max_grad_norm=0"], None, ["train.max_grad_norm=0"], 1),
     "flag not a boolean": (["train.skip_nonfinite=maybe"], None, ["train.skip_nonfinite='maybe'", "true or false"], 1),

@@ -368,3 +368,28 @@ def test_a_damaged_cache_file_is_computed_again_and_named(tmp_path, capsys, dama
     recomputed = load_or_compute(path, lambda: {"x": torch.ones(3)})
     assert recomputed["x"].tolist() == [1.0, 1.0, 1.0] and f"cache {path}:" in capsys.readouterr().out
     assert load_or_compute(path, lambda: pytest.fail("a sound cache is computed again"))["x"].tolist() == [1.0, 1.0, 1.0]
+
+
+def logged_learning_rates(run_dir, stage: str) -> list[float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["lr"] for r in records if r["stage"] == stage and "lr" in r]
+
+
+def test_cosine_schedule_with_warmup_ratio_is_hugging_faces(make_cfg, tmp_path):
+    """SimPO's recipe (`lr_schedule=cosine`, `warmup_ratio=0.1`) logs, step by step, the rates of
+    transformers' `get_cosine_schedule_with_warmup`; SFT keeps the constant schedule after its warmup."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    cfg = make_cfg("loss=dpo", "align.max_examples=40", "align.lr_schedule=cosine", "align.warmup_ratio=0.25", "sft.warmup_steps=2")
+    train.run(cfg, tmp_path / "run")
+    steps = 40 // 4
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.align.lr)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=math.ceil(0.25 * steps), num_training_steps=steps)
+    expected = []
+    for _ in range(steps):
+        expected.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert logged_learning_rates(tmp_path / "run", "align") == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert expected[0] == 0 and max(expected) == cfg.align.lr  # a warmup from 0, then the decay
+    assert logged_learning_rates(tmp_path / "run", "sft") == pytest.approx([cfg.sft.lr * min(1, (k + 1) / 3) for k in range(16 // 4)])

@@ -75,6 +75,7 @@ class NonFiniteLoss(ArithmeticError):
     """A training step's loss or gradient norm was NaN or infinite (and `train.skip_nonfinite` is off)."""
 
 
+LR_SCHEDULES = ("constant", "cosine")  # sft/align.lr_schedule (BasicTrainer.lr_factor)
 OPTIMIZERS = {"rmsprop": torch.optim.RMSprop, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 TIMING_KEYS = ("tokens_per_s", "seconds")
 PROBE_SPREAD = 4  # the probes run micro-batches of 1 and 4 examples (unpaired: 2 and 8), or 3, or 2
@@ -252,11 +253,31 @@ class BasicTrainer:
         self.reference_model = self.wrap_model(frozen) if frozen is not None else None
         self.reference_logps = self.precomputed_reference_logps(weights_key) if precompute else None
         self.optimizer = OPTIMIZERS[cfg.train.optimizer](self.policy.parameters(), lr=self.stage_cfg.lr)
-        warmup = self.stage_cfg.warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: self.lr_factor(step))
         self.step = self.examples = self.checkpointed_at = self.skipped_nonfinite = 0
         self.contrast_path: str | None = None  # one_pass | gradient_caching, once the first step chose
         self.contrast_note = ""
+
+    def planned_steps(self) -> int:
+        """Optimizer steps of the stage (the last batch may be partial)."""
+        return math.ceil(self.total_examples / self.cfg.train.batch_size)
+
+    def lr_factor(self, step: int) -> float:
+        """The learning-rate multiplier of optimizer step `step` (from 0).
+
+        `constant` (the DPO reference code's): linear warmup over `warmup_steps`, from 1/(warmup+1)
+        of the rate, then constant. `cosine` (SimPO's recipe, Hugging Face's
+        `get_cosine_schedule_with_warmup`): linear warmup from 0, then a half cosine to 0 at the
+        stage's last step. `warmup_ratio`, when set, gives the warmup as a share of the stage's steps.
+        """
+        stage, total = self.stage_cfg, self.planned_steps()
+        warmup = stage.warmup_steps if stage.get("warmup_ratio") is None else math.ceil(stage.warmup_ratio * total)
+        if stage.get("lr_schedule", "constant") == "constant":
+            return min(1.0, (step + 1) / (warmup + 1))
+        if step < warmup:
+            return step / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
     def compute_precision(self) -> torch.dtype:
         """The dtype of the forward and backward passes: `model.dtype`. The trained parameters and
