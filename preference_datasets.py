@@ -505,18 +505,35 @@ def _build(
     return _hold_out(name, splits, options, origin)
 
 
+def _load_ultrafeedback_format(name: str, options: Mapping, hub_splits: Mapping[str, str]) -> dict[str, list[Example]]:
+    """Prompt and message-list (or flat string) responses: the hub's `hub_splits`, or a local folder
+    holding `{train,test}.jsonl` or `.jsonl.gz`."""
+    if not options.get("path"):
+        records = {split: _hub_records(options["hub_name"], hub_splits[split]) for split in SPLITS}
+        return _build(name, records, ultrafeedback_pair, options, options["hub_name"])
+    root = _folder(name, options["path"])
+    files = {split: [file for file in (root / f"{split}.jsonl", root / f"{split}.jsonl.gz") if file.is_file()] for split in SPLITS}
+    if not any(files.values()):
+        raise DataError(f"datasets.{name}.path: no train/test .jsonl or .jsonl.gz files in {root}")
+    records = {split: [record for file in files[split] for record in read_records(file)] for split in SPLITS}
+    return _build(name, records, ultrafeedback_pair, options, str(root))
+
+
 def load_ultrafeedback(options: Mapping) -> dict[str, list[Example]]:
     """UltraFeedback binarized: the hub's `train_prefs` / `test_prefs`, or a local folder holding
     `{train,test}.jsonl` or `.jsonl.gz` (../shared/data/ultrafeedback-binarized: flat strings)."""
-    if not options.get("path"):
-        records = {split: _hub_records(options["hub_name"], f"{split}_prefs") for split in SPLITS}
-        return _build("ultrafeedback", records, ultrafeedback_pair, options, options["hub_name"])
-    root = _folder("ultrafeedback", options["path"])
-    files = {split: [file for file in (root / f"{split}.jsonl", root / f"{split}.jsonl.gz") if file.is_file()] for split in SPLITS}
-    if not any(files.values()):
-        raise DataError(f"datasets.ultrafeedback.path: no train/test .jsonl or .jsonl.gz files in {root}")
-    records = {split: [record for file in files[split] for record in read_records(file)] for split in SPLITS}
-    return _build("ultrafeedback", records, ultrafeedback_pair, options, str(root))
+    return _load_ultrafeedback_format("ultrafeedback", options, {"train": "train_prefs", "test": "test_prefs"})
+
+
+def load_llama3_armorm(options: Mapping) -> dict[str, list[Example]]:
+    """SimPO's on-policy UltraFeedback pairs for Llama-3-8B-Instruct (princeton-nlp/llama3-ultrafeedback-armorm):
+    five samples per prompt scored by ArmoRM, the best chosen and the worst rejected; `train` / `test`."""
+    return _load_ultrafeedback_format("llama3_armorm", options, {"train": "train", "test": "test"})
+
+
+def load_gemma2_armorm(options: Mapping) -> dict[str, list[Example]]:
+    """The same for gemma-2-9b-it (princeton-nlp/gemma2-ultrafeedback-armorm)."""
+    return _load_ultrafeedback_format("gemma2_armorm", options, {"train": "train", "test": "test"})
 
 
 def _load_unpaired(name: str, options: Mapping) -> dict[str, list[Example]]:
@@ -581,6 +598,8 @@ LOADERS: dict[str, Callable[[Mapping], dict[str, list[Example]]]] = {
     "jsonl": load_jsonl,
     "demo": load_demo,
     "ultrafeedback": load_ultrafeedback,
+    "llama3_armorm": load_llama3_armorm,
+    "gemma2_armorm": load_gemma2_armorm,
     "ultrafeedback_unpaired": load_ultrafeedback_unpaired,
     "capybara_unpaired": load_capybara_unpaired,
     "tldr": load_tldr,

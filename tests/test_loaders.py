@@ -16,13 +16,15 @@ from preference_datasets import (
     PreferencePair,
     load_capybara_unpaired,
     load_datasets,
+    load_gemma2_armorm,
     load_kto_jsonl,
+    load_llama3_armorm,
     load_tldr,
     load_ultrafeedback,
     load_ultrafeedback_unpaired,
 )
 
-NEW_LOADERS = ("ultrafeedback", "ultrafeedback_unpaired", "capybara_unpaired", "tldr", "kto_jsonl")
+NEW_LOADERS = ("ultrafeedback", "llama3_armorm", "gemma2_armorm", "ultrafeedback_unpaired", "capybara_unpaired", "tldr", "kto_jsonl")
 
 
 def user(text: str) -> list[dict]:
@@ -112,6 +114,27 @@ def test_ultrafeedback_local_folder_with_test_file_only_is_split(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="datasets.ultrafeedback.path: no train/test"):
         load_ultrafeedback({**UF_OPTIONS, "path": str(tmp_path / "empty")})
+
+
+@pytest.mark.parametrize(("loader", "name"), [(load_llama3_armorm, "llama3_armorm"), (load_gemma2_armorm, "gemma2_armorm")])
+def test_armorm_sets_read_train_and_test_splits_of_message_lists(hub, tmp_path, loader, name):
+    """SimPO's armorm sets: the hub's `train` / `test` splits (not UltraFeedback's `*_prefs`), rows with
+    extra columns (all responses, ArmoRM scores) and message-list responses; or the same rows in a folder."""
+    hub_name = f"princeton-nlp/{name.removesuffix('_armorm')}-ultrafeedback-armorm"
+    rows = {split: [{"prompt_id": "0", "prompt": f"{split}?", "all_generated_responses": ["a", "b"], "all_rm_scores": [0.1, 0.2],
+                     "chosen": user(f"{split}?") + assistant("best"), "rejected": user(f"{split}?") + assistant("worst")}]
+            for split in ("train", "test")}
+    for split, split_rows in rows.items():
+        hub.rows[(hub_name, None, split)] = split_rows
+    options = {"hub_name": hub_name, "path": None, "holdout": 2}
+    splits = loader(options)
+    assert hub.calls == [(hub_name, None, "train"), (hub_name, None, "test")]
+    assert splits == {split: [PreferencePair(user(f"{split}?"), "best", "worst", name)] for split in ("train", "test")}
+    for split, split_rows in rows.items():
+        write_lines(tmp_path / f"{split}.jsonl.gz", split_rows)
+    assert loader({**options, "path": str(tmp_path)}) == splits
+    with pytest.raises(DataError, match=f"datasets.{name}.path: .* is not a folder"):
+        loader({**options, "path": str(tmp_path / "train.jsonl.gz")})
 
 
 # ------------------------------------------------------------------------------ unpaired (KTO)

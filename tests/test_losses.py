@@ -66,6 +66,20 @@ def test_ipo_matches_equation_with_per_token_averages(n, beta):
     assert float(loss) == pytest.approx(expected / n, rel=1e-12)
 
 
+@pytest.mark.parametrize("n", [1, 4])
+def test_ipo_sum_matches_equation_with_summed_log_probs(n):
+    """`ipo_sum`, the RPO papers' IPO baseline: h summed over each response, no length in it."""
+    x = random_logps(n, seed=20 + n)
+    loss, chosen_rewards, _ = preference_loss(**x, cfg=loss_config("ipo_sum", beta=0.5))
+    expected = 0.0
+    for i in range(n):
+        chosen = float(x["policy_chosen_logps"][i] - x["reference_chosen_logps"][i])
+        rejected = float(x["policy_rejected_logps"][i] - x["reference_rejected_logps"][i])
+        expected += (chosen - rejected - 1 / (2 * 0.5)) ** 2
+        assert float(chosen_rewards[i]) == pytest.approx(0.5 * chosen)
+    assert float(loss) == pytest.approx(expected / n, rel=1e-12)
+
+
 def test_sft_loss_is_token_mean_nll():
     logps = torch.tensor([-6.0, -2.0], dtype=torch.float64)
     lengths = torch.tensor([3, 1])

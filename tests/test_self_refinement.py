@@ -18,14 +18,15 @@ from trainers.losses import preference_loss
 
 SR_DPO = loss_config("sr_dpo", beta=0.1, sr_lambda=0.5)
 SR_IPO = loss_config("sr_ipo", beta=0.1, sr_lambda=0.5)
-PLAIN = {"sr_dpo": loss_config("dpo", beta=0.1), "sr_ipo": loss_config("ipo", beta=0.1)}
+SR_IPO_SUM = loss_config("sr_ipo_sum", beta=0.1, sr_lambda=0.5)  # the Sr paper's: summed log-probs
+PLAIN = {"sr_dpo": loss_config("dpo", beta=0.1), "sr_ipo": loss_config("ipo", beta=0.1), "sr_ipo_sum": loss_config("ipo_sum", beta=0.1)}
 
 
 def pair_inputs(seed: int) -> dict[str, torch.Tensor]:
     return {k: v for k, v in batch(4, 4, seed=seed).items() if "embeddings" not in k}
 
 
-@pytest.mark.parametrize("cfg", [SR_DPO, SR_IPO], ids=["sr_dpo", "sr_ipo"])
+@pytest.mark.parametrize("cfg", [SR_DPO, SR_IPO, SR_IPO_SUM], ids=["sr_dpo", "sr_ipo", "sr_ipo_sum"])
 def test_lambda_zero_is_exactly_dpo_or_ipo(cfg):
     x = pair_inputs(1)
     margin = torch.randn(4, dtype=torch.float64)
@@ -40,7 +41,7 @@ def test_lambda_zero_is_exactly_dpo_or_ipo(cfg):
         assert torch.equal(sr[key].grad, plain[key].grad)
 
 
-@pytest.mark.parametrize("cfg", [SR_DPO, SR_IPO], ids=["sr_dpo", "sr_ipo"])
+@pytest.mark.parametrize("cfg", [SR_DPO, SR_IPO, SR_IPO_SUM], ids=["sr_dpo", "sr_ipo", "sr_ipo_sum"])
 def test_losses_match_the_equations_and_delta_carries_no_gradient(cfg):
     x = {k: v.requires_grad_(k.startswith("policy")) for k, v in pair_inputs(2).items()}
     delta = torch.tensor([0.3, -0.2, 1.1, 0.0], dtype=torch.float64, requires_grad=True)
@@ -52,6 +53,9 @@ def test_losses_match_the_equations_and_delta_carries_no_gradient(cfg):
         if cfg["name"] == "sr_dpo":
             h = ratio("chosen") - ratio("rejected")
             expected += math.log1p(math.exp(-(beta * h - lam * delta[i].item())))
+        elif cfg["name"] == "sr_ipo_sum":  # summed log-ratios, as the Sr paper writes Sr-IPO
+            h = ratio("chosen") - ratio("rejected")
+            expected += (h - lam * delta[i].item() - 1 / (2 * beta)) ** 2
         else:  # per-token log-ratios, as IPO
             h = ratio("chosen") / int(x["chosen_lengths"][i]) - ratio("rejected") / int(x["rejected_lengths"][i])
             expected += (h - lam * delta[i].item() - 1 / (2 * beta)) ** 2
@@ -90,7 +94,7 @@ def test_augmented_prompt_keeps_p_whole_and_cuts_the_query(smollm2_tokenizer):
         PairTokenizer(smollm2_tokenizer, max_length=200, max_prompt_length=30, sr_prompt=SR_PROMPT)(PreferencePair(messages, "y", "n"))
 
 
-@pytest.mark.parametrize("loss", ["sr_dpo", "sr_ipo"])
+@pytest.mark.parametrize("loss", ["sr_dpo", "sr_ipo", "sr_ipo_sum"])
 def test_refined_delta_is_the_policy_judgement_on_p_plus_x(make_cfg, tmp_path, loss):
     """Delta by hand (full-vocabulary forward on p + x, the cached reference on p + x) after the policy
     has moved away from the reference, so that Delta is far from zero."""
