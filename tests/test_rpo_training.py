@@ -58,6 +58,38 @@ def test_prompt_response_embeddings_differ_per_side(make_cfg, tmp_path):
         train.contrast_embeddings(make_cfg("loss=rpo", "loss.embedding.input=response"), examples)
 
 
+def tiny_sentence_model(folder, architecture: str, tokenizer) -> str:
+    """A random sentence-transformers model (mean pooling, normalized) over a T5 encoder or a RoBERTa."""
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import RobertaConfig, RobertaModel, T5Config, T5EncoderModel
+
+    if architecture == "t5":
+        encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2))
+    else:
+        encoder = RobertaModel(RobertaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, max_position_embeddings=600))
+    encoder.save_pretrained(folder / "encoder")
+    tokenizer.save_pretrained(folder / "encoder")
+    modules = [models.Transformer(str(folder / "encoder")), models.Pooling(16, "mean"), models.Normalize()]
+    SentenceTransformer(modules=modules).save(str(folder / "sentence"))
+    return str(folder / "sentence")
+
+
+@pytest.mark.parametrize("architecture", ["t5", "roberta"])
+def test_the_embedding_model_is_the_configured_one_of_any_architecture(make_cfg, tmp_path, smollm2_tokenizer, architecture):
+    """RPO's Table 2 swaps MiniLM for a T5 encoder (sentence-t5-large) or a distilroberta: the weights
+    come from the configured sentence model, whatever its architecture (tiny random ones here)."""
+    from sentence_transformers import SentenceTransformer
+
+    model = tiny_sentence_model(tmp_path, architecture, smollm2_tokenizer)
+    cfg = make_cfg("loss=rpo", f"loss.embedding.model={model}")
+    examples = train.prepare_examples(cfg, train.load_datasets(cfg.datasets))
+    chosen, rejected = train.contrast_embeddings(cfg, examples)["test"]
+    expected = SentenceTransformer(model, device="cpu").encode([train.prompt_text(e) for e in examples["test"]], convert_to_tensor=True)
+    assert chosen.shape == (len(examples["test"]), 16) and chosen is rejected
+    torch.testing.assert_close(chosen, expected.float(), rtol=1e-5, atol=1e-6)
+
+
 def test_balanced_batches_always_hold_both_sides():
     desirable = [True] * 3 + [False] * 10
     sampler = BalancedSampler(desirable, seed=0)
