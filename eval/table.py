@@ -81,14 +81,17 @@ def read_run(folder: Path) -> Run:
 
 def expected_jobs(sweep: Path) -> list[list[str]] | None:
     """The override lists of a sweep's jobs, expanded from its `multirun.yaml` as Hydra's basic
-    sweeper expands them; None for another sweeper (its jobs are known only by their folders)."""
+    sweeper expands them (the config's `hydra.sweeper.params`, as a preset of config/experiment/
+    sets them, then the command line's); None for another sweeper (its jobs are known only by their folders)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     config = OmegaConf.load(sweep / "multirun.yaml")
     if "BasicSweeper" not in str(OmegaConf.select(config, "hydra.sweeper._target_", default="BasicSweeper")):
         return None
-    parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
+    arguments = [f"{key}={value}" for key, value in params.items()] + list(config.hydra.overrides.task)
+    parsed = OverridesParser.create().parse_overrides(arguments)
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 

@@ -90,6 +90,18 @@ def test_the_setting_table_has_mean_spread_and_count_over_seeds(sweep):
     assert "- missing: model=tiny loss.tau=0.5 seed=2" in markdown and "- failed: " in markdown
 
 
+def test_a_preset_sweeps_jobs_from_its_config_not_the_command_line(sweep):
+    """`-m +experiment=<preset>` takes its swept values from `hydra.sweeper.params`: the missing job
+    is still found, and a command-line value of the same key replaces the preset's (Hydra's rule)."""
+    multirun = OmegaConf.load(sweep / "multirun.yaml")
+    multirun.hydra.sweeper.params = {"loss.tau": "0.25,0.5", "seed": "7"}
+    multirun.hydra.overrides.task = ["model=tiny", "seed=0,1,2"]
+    OmegaConf.save(multirun, sweep / "multirun.yaml")
+    runs = collect([sweep])
+    missing = [sorted(run.overrides) for run in runs if run.state == "missing"]
+    assert len(runs) == 6 and missing == [["loss.tau=0.5", "model=tiny", "seed=2"]]
+
+
 def test_runs_csv_has_one_row_per_job_with_its_seed_and_state(sweep):
     build_table([sweep])
     table = rows(sweep / "runs.csv")
