@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from eval.after_training import AFTER_TRAINING, demo_only
+from eval.after_training import AFTER_TRAINING, AFTER_TRAINING_PROTOCOLS, demo_only
 from eval.sampling import check_generation
 from preference_datasets import BalancedSampler, LabelledResponse
 from trainers import TRAINERS
@@ -72,11 +72,19 @@ def check_config(cfg: DictConfig) -> LossSpec:
 
 
 def check_evaluation(check: Checker) -> None:
-    """`eval.*`: the rules judge knows only the demo data's questions."""
+    """`eval.*`: the rules judge knows only the demo data's questions; a judge model needs its
+    protocol and, through an API, its key (a missing key would otherwise surface after training)."""
     mode = check.choice("eval.after_training", AFTER_TRAINING)
     check_generation(check, "eval.generation")
+    check.whole("eval.max_prompts", optional=True)
     if mode == "rules" and not demo_only(check.cfg):
         check.fail("eval.after_training", f"the rules judge checks the demo data's answers only, not datasets {list(check.cfg.datasets)}")
+    if mode in ("openai", "hf"):
+        check.choice("eval.judge.protocol", AFTER_TRAINING_PROTOCOLS)
+    if mode == "openai":
+        variable = check.value("eval.judge.openai.api_key_env")
+        if not os.environ.get(str(variable)):
+            check.fail("eval.judge.openai.api_key_env", f"the environment variable {variable} is not set (it holds the judge's API key)")
 
 
 def check_train(check: Checker) -> None:

@@ -1,25 +1,29 @@
 """Judge a training run when it ends (`eval.after_training` in config/config.yaml).
 
-`rules` (what `auto` means on the demo data): answer the held-out prompts with the SFT model and
-the aligned model, then judge aligned vs SFT, aligned vs the dataset's chosen answers and SFT vs
-chosen with the rules judge. The samples and judgements stay in the run folder (`samples/`); the
-win rates go into `summary.json` under `judged` and are printed.
+Answer the held-out prompts (the first `eval.max_prompts`) with the SFT model and the aligned
+model, then judge aligned vs SFT, aligned vs the dataset's chosen answers and SFT vs chosen.
+`rules` (what `auto` means on the demo data) checks the demo's answers; `openai` and `hf` ask a
+judge model the RPO papers' way (`eval.judge.protocol`: `rpo_dialogue`, or `rpo_summary` for
+TL;DR), so that a sweep of a paper's table ends judged. The samples and judgements stay in the run
+folder (`samples/`); the win rates go into `summary.json` under `judged` and are printed.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from eval.judge import judge_files
+from eval.judge import judge_files, make_judge
 from eval.judges import RulesJudge
 from eval.prompts import heldout_prompts
 from eval.sampling import GenerationSettings, hf_generator, load_chat_model, sample
 from eval.stats import describe
 
 DEMO_LOADERS = ("demo",)
-AFTER_TRAINING = ("auto", "rules", "none")  # eval.after_training
+SUMMARY_LOADERS = ("tldr",)
+AFTER_TRAINING = ("auto", "rules", "openai", "hf", "none")  # eval.after_training
+AFTER_TRAINING_PROTOCOLS = ("auto", "rpo_dialogue", "rpo_summary")  # eval.judge.protocol: a response against chosen
 
 
 def demo_only(cfg: DictConfig) -> bool:
@@ -34,12 +38,31 @@ def judge_mode(cfg: DictConfig) -> str | None:
     return None if mode == "none" else mode
 
 
+def judge_protocol(cfg: DictConfig) -> str:
+    """`eval.judge.protocol`; `auto`: the summary protocol when every dataset is TL;DR, else the dialogue one."""
+    protocol = cfg.eval.judge.protocol
+    if protocol != "auto":
+        return protocol
+    summaries = all(options.get("loader", name) in SUMMARY_LOADERS for name, options in cfg.datasets.items())
+    return "rpo_summary" if summaries else "rpo_dialogue"
+
+
+def run_judge(cfg: DictConfig, mode: str):
+    """The judge of `eval.after_training`: the rules judge, or a judge model asked by the protocol."""
+    if mode == "rules":
+        return RulesJudge()
+    judge = cfg.eval.judge
+    return make_judge(OmegaConf.create({"judge": mode, "protocol": judge_protocol(cfg), "seed": judge.seed, "judge_prompts": None,
+                                        "openai": judge.openai, "hf": judge.hf, "cache_dir": cfg.cache_dir}))
+
+
 def evaluate_run(cfg: DictConfig, run_dir: Path, stages: list[str]) -> dict | None:
     """Sample the held-out prompts from each stage's final model and judge them; None when off."""
     mode = judge_mode(cfg)
     if mode is None:
         return None
-    prompts = heldout_prompts(cfg)
+    judge = run_judge(cfg, mode)  # before sampling: a judge that cannot be built fails fast
+    prompts = heldout_prompts(cfg)[: cfg.eval.get("max_prompts") or None]
     settings = GenerationSettings(**cfg.eval.generation)
     samples = {}
     for stage in stages:
@@ -56,7 +79,7 @@ def evaluate_run(cfg: DictConfig, run_dir: Path, stages: list[str]) -> dict | No
     judged = {}
     for evaluated, baseline in matches:
         against = "chosen" if baseline == "chosen" else samples[baseline]
-        summary = judge_files(samples[evaluated], against, RulesJudge(), run_dir / "samples" / f"{evaluated}_vs_{baseline}")
+        summary = judge_files(samples[evaluated], against, judge, run_dir / "samples" / f"{evaluated}_vs_{baseline}")
         judged[f"{evaluated} vs {baseline}"] = summary
-        print(f"{evaluated} vs {baseline} ({mode} judge, {summary['comparisons']} held-out prompts): {describe(summary)}")
+        print(f"{evaluated} vs {baseline} ({judge.name} judge, {summary['comparisons']} held-out prompts): {describe(summary)}")
     return judged

@@ -95,6 +95,8 @@ CASES: dict[str, tuple[list[str], str | None, list[str], int]] = {
     "max examples zero (was: no limit)": (["sft.max_examples=0"], None, ["sft.max_examples=0"], 1),
     "negative learning rate": (["align.lr=-1e-6"], None, ["align.lr=-1e-06"], 1),
     "zero epochs": (["sft.epochs=0"], None, ["sft.epochs=0"], 1),
+    "judge key missing": (["eval.after_training=openai", "eval.judge.openai.api_key_env=PREFOPT_NO_SUCH_KEY"], None,
+                          ["eval.judge.openai.api_key_env", "PREFOPT_NO_SUCH_KEY is not set"], 1),
     "schedule typo": (["align.lr_schedule=linear"], None, ["align.lr_schedule='linear'", "cosine"], 1),
     "warmup ratio over 1": (["sft.warmup_ratio=10"], None, ["sft.warmup_ratio=10"], 1),
     "memory budget negative": (["train.memory_budget=-3"], None, ["train.memory_budget=-3"], 1),

@@ -296,3 +296,28 @@ def test_a_local_hf_model_judges_offline_through_the_cli(tmp_path, shared_cache)
         assert row["answers"] == [backend.complete(request, protocol.max_tokens)]  # greedy: the same text again
         assert row["verdict"] == protocol.verdict(protocol.requests(Comparison(row["id"], DIALOGUE, row["a"], row["b"])), row["answers"])
     assert json.loads((tmp_path / "hf" / "result.json").read_text())["comparisons"] == len(CASES)
+
+
+def test_a_run_ends_judged_by_a_judge_model_the_papers_way(tmp_path, judge_server, shared_cache):
+    """`eval.after_training=openai`: the run's held-out answers (the first `eval.max_prompts`) are
+    judged through the API with the RPO protocol, so a sweep of a paper's table ends judged; the
+    key is read from the environment and written nowhere."""
+    from tests.conftest import TINY_OVERRIDES
+
+    judge_server.broken = False
+    overrides = [o for o in TINY_OVERRIDES if not o.startswith("eval.")] + [
+        f"runs_root={tmp_path / 'runs'}", f"cache_dir={shared_cache}", "eval.generation.max_new_tokens=4", "eval.after_training=openai",
+        "eval.max_prompts=6", f"eval.judge.openai.base_url={judge_server.url}", "eval.judge.openai.api_key_env=JUDGE_KEY",
+        "eval.judge.openai.model=judge-model", "eval.judge.openai.backoff=0.01"]
+    result = subprocess.run([sys.executable, "train.py", *overrides], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "JUDGE_KEY": "sk-after-training"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = [path.parent for path in (tmp_path / "runs").glob("*/*/summary.json")]
+    judged = json.loads((run_dir / "summary.json").read_text())["judged"]
+    assert set(judged) == {"align vs sft", "align vs chosen", "sft vs chosen"}
+    assert all(summary["comparisons"] == 6 and summary["judge"] == "openai / rpo_dialogue" for summary in judged.values())
+    assert len(judge_server.requests) == 3 * 6 and {body["model"] for body in judge_server.requests} == {"judge-model"}
+    assert all(body["messages"][0]["content"].startswith("Here is a conversation between") for body in judge_server.requests)
+    assert "align vs chosen (openai / rpo_dialogue judge, 6 held-out prompts): win rate" in result.stdout
+    written = [path for path in run_dir.rglob("*") if path.suffix in (".json", ".jsonl", ".yaml", ".log")]
+    assert written and not any("sk-after-training" in path.read_text(errors="replace") for path in written)

@@ -44,7 +44,14 @@ PAPERS_SCHEDULE = {
     "train.max_grad_norm": 10.0,
     "trainer": "fsdp",
 }
-RPO_V1 = {**PAPERS_SCHEDULE, "sft.enabled": True, "sft.lr": 5e-7, "loss.beta": 0.1}
+RPO_V1 = {
+    **PAPERS_SCHEDULE,
+    "sft.enabled": True,
+    "sft.lr": 5e-7,
+    "loss.beta": 0.1,
+    "eval.max_prompts": 256,
+    "eval.generation.temperature": 0.0,
+}
 RPO_MATRIX = {"loss.contrast_group": 8, "loss.embedding.model": MINILM, "loss.embedding.input": "prompt"}
 PAIRED_RPO = {"loss.name": "rpo", "loss.tau": 0.5, "loss.paired": True, **RPO_MATRIX}
 UNPAIRED_RPO = {"loss.name": "rpo_unpaired", "loss.tau": 0.75, "loss.paired": False, **RPO_MATRIX}
