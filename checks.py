@@ -53,7 +53,7 @@ def check_config(cfg: DictConfig) -> LossSpec:
             check.number(f"{stage}.warmup_ratio", 0.0, 1.0)
         check.whole(f"{stage}.epochs")
         check.whole(f"{stage}.max_examples", optional=True)
-    for key in ("sft.enabled", "train.skip_nonfinite", "train.packing", "reference.precompute", "wandb.enabled", "debug"):
+    for key in ("sft.enabled", "sft.reuse", "train.skip_nonfinite", "train.packing", "reference.precompute", "wandb.enabled", "debug"):
         check.flag(key)
     if cfg.trainer == "fsdp":
         check.choice("fsdp.mixed_precision", MIXED_PRECISION)

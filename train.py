@@ -226,6 +226,63 @@ def stage_finished(final_model: Path) -> bool:
     return True
 
 
+# keys an SFT stage never reads: later stages, evaluation, bookkeeping (the loss matters only through
+# the examples it prepares, which the key holds)
+NOT_READ_BY_SFT = ("loss", "align", "eval", "run_name", "runs_root", "resume", "debug", "paper", "wandb", "reference", "cache_dir",
+                   "heldout")
+
+
+def sft_key(cfg: DictConfig, examples: dict[str, list[Example]]) -> str:
+    """What an SFT stage's result depends on: the config less `NOT_READ_BY_SFT` (and `sft.reuse`),
+    and the examples it trains on and evaluates."""
+    settings = {key: value for key, value in OmegaConf.to_container(cfg, resolve=True).items() if key not in NOT_READ_BY_SFT}
+    settings["sft"] = {key: value for key, value in settings["sft"].items() if key != "reuse"}
+    return text_fingerprint(settings, fingerprint(examples["train"]), fingerprint(examples["test"]))
+
+
+def sft_record(cfg: DictConfig, key: str) -> Path:
+    return Path(cfg.cache_dir) / "sft_runs" / f"{key}.json"
+
+
+def link_or_copy(source: str, target: str) -> None:
+    """A hard link (no copy of the weights, and it outlives the source); a copy across file systems."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def reuse_sft(cfg: DictConfig, run_dir: Path, key: str) -> bool:
+    """Take the SFT stage of an earlier run with the same `sft_key` (`sft.reuse`): its final model
+    (hard-linked, checksums verified) and its metrics lines. Not when this run has SFT progress of
+    its own (resume continues that), nor when the earlier model is gone or does not verify."""
+    record_path = sft_record(cfg, key)
+    own_metrics = run_dir / "metrics.jsonl"
+    if not record_path.exists() or (run_dir / "sft").exists() or (own_metrics.exists() and own_metrics.stat().st_size):
+        return False
+    record = json.loads(record_path.read_text())
+    source, metrics = Path(record["final"]), Path(record["metrics"])
+    if not (source / "result.json").exists() or checksum_problem(source) or not metrics.exists():
+        print(f"sft.reuse: the SFT model recorded for this config ({source}) is gone or changed; training SFT")
+        return False
+    offset = json.loads((source / "result.json").read_text())["metrics_offset"]
+    staging = run_dir / "sft" / "final.reused"
+    shutil.copytree(source, staging, copy_function=link_or_copy)
+    own_metrics.write_bytes(metrics.read_bytes()[:offset])  # the SFT stage's lines: it ran first there too
+    staging.rename(run_dir / "sft" / "final")
+    print(f"Stage sft: the same SFT (model, data, SFT settings, seed) finished in {record['run']}: reused, not trained again "
+          "(sft.reuse=false trains it)")
+    return True
+
+
+def record_sft(cfg: DictConfig, key: str, run_dir: Path) -> None:
+    """Note where this config's SFT model is, for the next run with the same `sft_key`."""
+    record = {"final": str((run_dir / "sft" / "final").resolve()), "metrics": str((run_dir / "metrics.jsonl").resolve()),
+              "run": str(run_dir.resolve())}
+    sft_record(cfg, key).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(sft_record(cfg, key), json.dumps(record, indent=2))
+
+
 def load_stage_model(cfg: DictConfig, folder: Path) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
@@ -378,24 +435,30 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
         tokenizer = load_tokenizer(cfg)
     data = tokenize_examples(cfg, tokenizer, examples)
     embeddings = contrast_embeddings(cfg, examples)
+    reuse_key = sft_key(cfg, examples) if cfg.sft.get("reuse") and "sft" in stages(cfg) else None
     try:
-        return train_stages(cfg, trainer_type, run_dir, data, tokenizer, embeddings)
+        return train_stages(cfg, trainer_type, run_dir, data, tokenizer, embeddings, reuse_key)
     except BaseException as error:
         if is_main_process():
             write_state(run_dir, "stopped" if isinstance(error, Stopped) else "failed", cfg, f"{type(error).__name__}: {error}")
         raise
 
 
-def train_stages(cfg: DictConfig, trainer_type: type, run_dir: Path, data: dict[str, list], tokenizer, embeddings) -> dict:
-    """Every stage in turn, skipping the finished ones; the summary."""
+def train_stages(
+    cfg: DictConfig, trainer_type: type, run_dir: Path, data: dict[str, list], tokenizer, embeddings, reuse_key: str | None = None
+) -> dict:
+    """Every stage in turn, skipping the finished ones (and an SFT stage another run finished with
+    the same `reuse_key`); the summary."""
     metrics = MetricsLog(run_dir / "metrics.jsonl", start_wandb(cfg, run_dir) if is_main_process() else None)
     results, offset, final_model = {}, 0, None
     for stage in stages(cfg):
         previous, final_model = final_model, run_dir / stage / "final"
         finished = on_main_process(partial(stage_finished, final_model))
+        if not finished and stage == "sft" and reuse_key:
+            finished = on_main_process(partial(reuse_sft, cfg, run_dir, reuse_key))
+        elif finished and is_main_process():
+            print(f"Stage {stage} already finished: {final_model}")
         if finished:
-            if is_main_process():
-                print(f"Stage {stage} already finished: {final_model}")
             results[stage] = json.loads((final_model / "result.json").read_text())
         else:
             with main_process_first():  # the next stage starts from the previous one's saved model
@@ -403,6 +466,8 @@ def train_stages(cfg: DictConfig, trainer_type: type, run_dir: Path, data: dict[
             trainer = trainer_type(cfg, stage, policy, tokenizer, data, run_dir / stage, metrics, embeddings)
             results[stage] = trainer.train(offset)
             del policy, trainer
+            if stage == "sft" and reuse_key and is_main_process():
+                record_sft(cfg, reuse_key, run_dir)
         offset = results[stage]["metrics_offset"]
     if metrics.wandb_run is not None:
         metrics.wandb_run.finish()

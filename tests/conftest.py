@@ -53,6 +53,7 @@ TINY_OVERRIDES = [
     "sft.lr=1e-3",
     "align.lr=1e-3",
     "eval.after_training=none",  # tests/test_eval.py runs it
+    "sft.reuse=false",  # each test trains its own SFT (tests/test_trainer.py tests the reuse)
 ]
 
 

@@ -393,3 +393,30 @@ def test_cosine_schedule_with_warmup_ratio_is_hugging_faces(make_cfg, tmp_path):
     assert logged_learning_rates(tmp_path / "run", "align") == pytest.approx(expected, rel=1e-12, abs=1e-15)
     assert expected[0] == 0 and max(expected) == cfg.align.lr  # a warmup from 0, then the decay
     assert logged_learning_rates(tmp_path / "run", "sft") == pytest.approx([cfg.sft.lr * min(1, (k + 1) / 3) for k in range(16 // 4)])
+
+
+def test_a_run_takes_the_sft_stage_of_an_earlier_run_with_the_same_sft(make_cfg, tmp_path, capsys):
+    """`sft.reuse`: a sweep over alignment keys trains SFT once. The reused stage equals training it
+    again (the same weights, so the same aligned model); another SFT setting or seed trains its own."""
+    first = train.run(make_cfg("loss=dpo", "sft.reuse=true"), tmp_path / "first")
+    reused = train.run(make_cfg("loss=rpo", "sft.reuse=true"), tmp_path / "reused")
+    assert "Stage sft: the same SFT (model, data, SFT settings, seed) finished in" in capsys.readouterr().out
+    train.run(make_cfg("loss=rpo", "sft.reuse=false"), tmp_path / "trained")
+    assert reused["stages"]["sft"] == first["stages"]["sft"]
+    for stage in ("sft", "align"):
+        reused_weights = load_file(tmp_path / "reused" / stage / "final" / "model.safetensors")
+        trained_weights = load_file(tmp_path / "trained" / stage / "final" / "model.safetensors")
+        assert all(torch.equal(reused_weights[k], trained_weights[k]) for k in trained_weights), stage
+    first_model, reused_model = (tmp_path / name / "sft" / "final" / "model.safetensors" for name in ("first", "reused"))
+    assert reused_model.stat().st_ino == first_model.stat().st_ino  # a hard link, not a copy
+    sft_lines = [line for line in (tmp_path / "first" / "metrics.jsonl").read_text().splitlines() if '"stage": "sft"' in line]
+    assert (tmp_path / "reused" / "metrics.jsonl").read_text().splitlines()[: len(sft_lines)] == sft_lines
+    capsys.readouterr()
+    for overrides in (["seed=1"], ["sft.lr=2e-3"]):
+        train.run(make_cfg("loss=dpo", "sft.reuse=true", "align.max_examples=8", *overrides), tmp_path / overrides[0])
+        assert "Stage sft: the same SFT" not in capsys.readouterr().out, overrides
+    first_model.unlink()  # the recorded model no longer verifies; the run that linked it keeps its own
+    key = "model.embed_tokens.weight"
+    assert torch.equal(load_file(reused_model)[key], load_file(tmp_path / "trained" / "sft" / "final" / "model.safetensors")[key])
+    train.run(make_cfg("loss=ipo", "sft.reuse=true", "align.max_examples=8"), tmp_path / "after_change")
+    assert "is gone or changed; training SFT" in capsys.readouterr().out
