@@ -20,7 +20,7 @@ from tests.test_trainer import DROPOUT, without_timing
 
 ARGUMENTS = ["model=tiny", "loss=dpo", DROPOUT, "train.batch_size=4", "sft.max_examples=16", "align.max_examples=160",
              "train.save_every=16", "train.eval_every=100000", "train.max_eval_examples=4",
-             "eval.after_training=none"]
+             "eval.after_training=none", "sft.reuse=false"]  # each run its own SFT, to interrupt and resume
 
 
 def command(runs: Path, cache: Path, *extra: str) -> list[str]:

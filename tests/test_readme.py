@@ -7,7 +7,6 @@ each command ends normally or with its documented message, and none is killed.
 
 from __future__ import annotations
 
-import math
 import re
 import shlex
 import subprocess
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from tests.conftest import ROOT
@@ -41,9 +42,17 @@ def readme_commands() -> list[str]:
 
 
 def sweep_jobs(arguments: list[str]) -> int:
-    """How many runs a command starts: the product of its swept values' counts (1 without -m)."""
-    counts = [len(a.split("=", 1)[1].split(",")) for a in arguments if "-m" in arguments and re.search(r"=[^\[]*,", a)]
-    return math.prod(counts)
+    """How many runs a command starts (1 without -m): its jobs as Hydra's basic sweeper expands the
+    config's `hydra.sweeper.params` (a preset's rows) and the command line's swept values."""
+    arguments = arguments[2:] if arguments[:2] == ["python", "train.py"] else arguments
+    if "-m" not in arguments:
+        return 1
+    single = [a for a in arguments if a != "-m" and not re.search(r"=[^\[]*,", a)]
+    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
+        params = compose("config", overrides=single, return_hydra_config=True).hydra.sweeper.params or {}
+    swept = [f"{key}={value}" for key, value in params.items()] + [a for a in arguments if a != "-m"]
+    parsed = OverridesParser.create().parse_overrides(swept)
+    return sum(len(batch) for batch in BasicSweeper.split_arguments(parsed, None))
 
 
 def composed(arguments: list[str]):
@@ -81,9 +90,10 @@ def runs(tmp_path_factory, shared_cache):
                 run(next(c for c in readme_commands() if "loss=sft" in c and SFT_PLACEHOLDER not in c))
                 sft_final = next((root / "runs").glob("sft_*/*/sft/final"))
                 arguments = [argument.replace(SFT_PLACEHOLDER, str(sft_final)) for argument in arguments]
-            extra = [*shrinking(arguments), f"runs_root={root / 'runs'}", f"cache_dir={shared_cache}"]
-            results[command] = subprocess.run([sys.executable, "train.py", *arguments, *extra], cwd=ROOT, capture_output=True,
-                                              text=True, timeout=900)
+            shrunk = [] if "--cfg" in arguments else shrinking(arguments)  # --cfg prints the config, it trains nothing
+            extra = [*shrunk, f"runs_root={root / 'runs'}", f"cache_dir={shared_cache}"]
+            ordered = [*extra, *arguments] if "--cfg" in arguments else [*arguments, *extra]  # overrides may not follow --cfg job
+            results[command] = subprocess.run([sys.executable, "train.py", *ordered], cwd=ROOT, capture_output=True, text=True, timeout=900)
         return results[command]
 
     return run
@@ -112,9 +122,18 @@ def test_readme_command_runs_as_written(command, runs):
         assert result.returncode == 2 and expected in result.stderr, result.stderr[-3000:]  # a refused start: exit 2
         return
     assert result.returncode == 0, result.stderr[-3000:]
+    if "--cfg" in command:  # the composed config, printed as YAML: what the command would run
+        arguments = shlex.split(command)[2:]
+        printed = OmegaConf.create(result.stdout)
+        overrides = [a for a in arguments if a not in ("--cfg", "job")]
+        with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
+            expected = compose("config", overrides=overrides)
+        assert printed.loss == expected.loss and printed.model == expected.model, result.stdout[-3000:]
+        return
     assert result.stdout.count("Final model: ") == sweep_jobs(shlex.split(command)), result.stdout[-3000:]
     fitted = re.findall(r"(?:sft|align): micro-batch (\d+) of train.batch_size=(\d+)", result.stdout)
-    assert fitted, result.stdout[-3000:]  # the default micro_batch_size=auto fitted each stage, and said so
+    reused = "Stage sft: the same SFT" in result.stdout  # an earlier README command trained this SFT (sft.reuse)
+    assert fitted or (reused and "loss=sft" in command), result.stdout[-3000:]  # micro_batch_size=auto fitted each trained stage
     cfg = composed(shlex.split(command)[2:])
     assert all(int(batch) == cfg.train.batch_size and 1 <= int(micro) <= cfg.train.batch_size for micro, batch in fitted)
     if sweep_jobs(shlex.split(command)) > 1:  # a sweep ends with its table, one finished row per job
