@@ -16,6 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from eval.after_training import AFTER_TRAINING, AFTER_TRAINING_PROTOCOLS, demo_only
+from eval.backends import missing_api_key
 from eval.sampling import check_generation
 from preference_datasets import BalancedSampler, LabelledResponse
 from trainers import TRAINERS
@@ -82,9 +83,9 @@ def check_evaluation(check: Checker) -> None:
     if mode in ("openai", "hf"):
         check.choice("eval.judge.protocol", AFTER_TRAINING_PROTOCOLS)
     if mode == "openai":
-        variable = check.value("eval.judge.openai.api_key_env")
-        if not os.environ.get(str(variable)):
-            check.fail("eval.judge.openai.api_key_env", f"the environment variable {variable} is not set (it holds the judge's API key)")
+        problem = missing_api_key(str(check.value("eval.judge.openai.api_key_env")))
+        if problem:
+            check.fail("eval.judge.openai.api_key_env", problem)
 
 
 def check_train(check: Checker) -> None:

@@ -19,6 +19,13 @@ from preference_datasets import Messages
 from utils import ConfigError
 
 
+def missing_api_key(variable: str) -> str | None:
+    """What is wrong when the environment variable that should hold the judge's API key is empty."""
+    if os.environ.get(variable):
+        return None
+    return f"the environment variable {variable} is not set (it holds the judge's API key)"
+
+
 class OpenAIBackend:
     name = "openai"
 
@@ -26,12 +33,13 @@ class OpenAIBackend:
                  backoff: float = 1.0, concurrency: int = 4):
         import openai
 
-        key = os.environ.get(api_key_env)
-        if not key:
-            raise ConfigError(f"openai.api_key_env={api_key_env}: the environment variable {api_key_env} is not set (it holds the API key)")
+        problem = missing_api_key(api_key_env)
+        if problem:
+            raise ConfigError(f"openai.api_key_env={api_key_env}: {problem}")
         self.openai, self.model_name, self.max_retries, self.backoff = openai, model, max_retries, backoff
         self.concurrency = concurrency
-        self.client = openai.OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=0)  # retries are ours: counted, backed off
+        self.client = openai.OpenAI(base_url=base_url, api_key=os.environ[api_key_env],
+                                     timeout=timeout, max_retries=0)  # retries are ours: counted, backed off
 
     def complete(self, messages: Messages, max_tokens: int) -> str:
         openai = self.openai

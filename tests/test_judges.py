@@ -259,7 +259,7 @@ def test_openai_judge_through_the_cli_and_a_missing_key(tmp_path, judge_server):
     missing = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                              env={k: v for k, v in os.environ.items() if k != "JUDGE_KEY"})
     assert missing.returncode == 2
-    message = "openai.api_key_env=JUDGE_KEY: the environment variable JUDGE_KEY is not set (it holds the API key)"
+    message = "openai.api_key_env=JUDGE_KEY: the environment variable JUDGE_KEY is not set (it holds the judge's API key)"
     assert missing.stderr.strip() == f"error: {message}"
 
 
