@@ -7,9 +7,9 @@
 Each run gives its overrides (the command-line ones, `.hydra/overrides.yaml`), its seed, the last
 stage's final held-out loss, reward accuracy and margin and preference accuracy, its wall time and,
 where it was judged (`eval.after_training`), its win rates (`summary.json`). Runs that differ only
-in `seed` form a group: mean, sample standard deviation and count. A sweep folder's expected jobs
-come from its `multirun.yaml`, so a job that failed, was stopped or never started is a row that
-says so, never a silent gap. Written to the sweep folder (or `--out`): `table.md`, `runs.csv`,
+in `seed` form a group: mean, sample standard deviation, 95 % interval of the mean (Student's t)
+and count. A sweep folder's expected jobs come from its `multirun.yaml`, so a job that failed, was
+stopped or never started is a row that says so, never a silent gap. Written to the sweep folder (or `--out`): `table.md`, `runs.csv`,
 `table.csv`, `<key>.png` (each metric against each swept key) and `curves.png` (the training
 curves of every run). `train.py -m` builds it when the sweep ends and prints where it is.
 """
@@ -142,6 +142,17 @@ class Group:
         values = self.values(metric)
         return statistics.stdev(values) if len(values) > 1 else (0.0 if values else math.nan)
 
+    def interval(self, metric: str) -> tuple[float, float]:
+        """The 95 % confidence interval of the mean over seeds (Student's t with n - 1 degrees of
+        freedom: with 3 seeds it is 2.5 standard deviations wide each side); nan for fewer than 2 runs."""
+        values = self.values(metric)
+        if len(values) < 2:
+            return math.nan, math.nan
+        from scipy.stats import t
+
+        half = t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+        return self.mean(metric) - half, self.mean(metric) + half
+
 
 def group_runs(runs: Sequence[Run]) -> list[Group]:
     groups: dict[tuple[str, ...], list[Run]] = {}
@@ -184,13 +195,23 @@ def wall(seconds: float | None) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
+def setting_cell(group: Group, metric: str) -> str:
+    """`mean ± sd (n)`, with the 95 % interval of the mean where there are repeats."""
+    values = group.values(metric)
+    if not values:
+        return "-"
+    low, high = group.interval(metric)
+    interval = f" [{low:.3f}, {high:.3f}]" if len(values) > 1 else ""
+    return f"{group.mean(metric):.4f} ± {group.std(metric):.4f} ({len(values)}){interval}"
+
+
 def markdown(runs: Sequence[Run], groups: Sequence[Group]) -> str:
-    """The per-setting table (mean ± sd (n)), the per-run table and the runs that did not finish."""
+    """The per-setting table (mean ± sd (n) [95 % interval]), the per-run table and the runs that did not finish."""
     names, keys, common = metric_names(runs), swept_keys(runs), common_overrides(runs)
     lines = [f"Overrides of every run: {' '.join(common) or '(none)'}", ""] if common and keys else []
     lines += ["| setting | runs finished | " + " | ".join(names) + " | wall time |", "|---|---:|" + "---:|" * (len(names) + 1)]
     for group in groups:
-        cells = [f"{group.mean(n):.4f} ± {group.std(n):.4f} ({len(group.values(n))})" if group.values(n) else "-" for n in names]
+        cells = [setting_cell(group, n) for n in names]
         walls = [run.wall_s for run in group.finished if run.wall_s is not None]
         shown = label(group.setting, keys if keys else None)
         lines.append(f"| {shown} | {len(group.finished)} / {len(group.runs)} | " + " | ".join(cells)
@@ -219,13 +240,14 @@ def write_tables(runs: Sequence[Run], groups: Sequence[Group], out: Path) -> Non
     write_csv(out / "runs.csv", ["run", "overrides", "seed", "state", *names, "wall_s"],
               ([str(run.folder or ""), " ".join(run.overrides), run.seed, run.state, *(run.metrics.get(n, "") for n in names),
                 run.wall_s if run.wall_s is not None else ""] for run in runs))
-    columns = [f"{n} {statistic}" for n in names for statistic in ("mean", "sd", "min", "max", "n")]
+    columns = [f"{n} {statistic}" for n in names for statistic in ("mean", "sd", "ci95 low", "ci95 high", "min", "max", "n")]
     rows = []
     for group in groups:
         cells = []
         for name in names:
             values = group.values(name)
-            cells += [group.mean(name), group.std(name), min(values, default=""), max(values, default=""), len(values)]
+            cells += [group.mean(name), group.std(name), *group.interval(name)]
+            cells += [min(values, default=""), max(values, default=""), len(values)]
         rows.append([label(group.setting), len(group.finished), len(group.runs), *cells])
     write_csv(out / "table.csv", ["setting", "runs_finished", "runs", *columns], rows)
     (out / "table.md").write_text(markdown(runs, groups))

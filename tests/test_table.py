@@ -76,16 +76,21 @@ def test_the_setting_table_has_mean_spread_and_count_over_seeds(sweep):
     values = [ACCURACY[("0.25", seed)] for seed in range(3)]
     assert float(full["reward accuracy mean"]) == pytest.approx(statistics.fmean(values))
     assert float(full["reward accuracy sd"]) == pytest.approx(statistics.stdev(values))
+    half = 4.302653 * statistics.stdev(values) / 3**0.5  # t(0.975, 2 degrees of freedom), from a printed t table
+    assert float(full["reward accuracy ci95 low"]) == pytest.approx(statistics.fmean(values) - half, abs=1e-5)
+    assert float(full["reward accuracy ci95 high"]) == pytest.approx(statistics.fmean(values) + half, abs=1e-5)
     assert (full["reward accuracy min"], full["reward accuracy max"], full["reward accuracy n"]) == ("0.5", "1.0", "3")
     assert float(full["margin mean"]) == pytest.approx(2 * statistics.fmean(values))
     assert float(full["loss mean"]) == pytest.approx(1 - statistics.fmean(values) / 2)  # the last stage's, not the SFT's
     assert (partial["runs_finished"], partial["runs"], partial["reward accuracy n"]) == ("1", "3", "1")
+    assert partial["reward accuracy ci95 low"] == "nan"  # one run has no interval
     assert float(partial["reward accuracy mean"]) == pytest.approx(0.25)  # the failed job is left out, not counted as 0
     assert float(full["win rate: align vs chosen mean"]) == pytest.approx(0.5 / 4)  # judged: seed 0 only
     markdown = table.read_text()
     # the override every run shares is said once; a setting's row names the swept key; loss, then reward accuracy
     assert markdown.startswith("Overrides of every run: model=tiny\n")
-    assert "| loss.tau=0.25 | 3 / 3 | 0.6250 ± 0.1250 (3) | 0.7500 ± 0.2500 (3) |" in markdown
+    assert "| loss.tau=0.25 | 3 / 3 | 0.6250 ± 0.1250 (3) [0.314, 0.936] | 0.7500 ± 0.2500 (3) [0.129, 1.371] |" in markdown
+    assert "| loss.tau=0.5 | 1 / 3 | 0.8750 ± 0.0000 (1) | 0.2500 ± 0.0000 (1) |" in markdown
     assert "2 of 6 runs did not finish" in markdown
     assert "- missing: model=tiny loss.tau=0.5 seed=2" in markdown and "- failed: " in markdown
 
