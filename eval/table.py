@@ -6,12 +6,13 @@
 
 Each run gives its overrides (the command-line ones, `.hydra/overrides.yaml`), its seed, the last
 stage's final held-out loss, reward accuracy and margin and preference accuracy, its wall time and,
-where it was judged (`eval.after_training`), its win rates (`summary.json`). Runs that differ only
-in `seed` form a group: mean, sample standard deviation, 95 % interval of the mean (Student's t)
-and count. A sweep folder's expected jobs come from its `multirun.yaml`, so a job that failed, was
-stopped or never started is a row that says so, never a silent gap. Written to the sweep folder (or `--out`): `table.md`, `runs.csv`,
-`table.csv`, `<key>.png` (each metric against each swept key) and `curves.png` (the training
-curves of every run). `train.py -m` builds it when the sweep ends and prints where it is.
+where it was judged (`eval.after_training`), its win rates, plain and with ties counted half
+(`summary.json`). Runs that differ only in `seed` form a group: mean, sample standard deviation,
+95 % interval of the mean (Student's t) and count. A sweep folder's expected jobs come from its
+`multirun.yaml`, so a job that failed, was stopped or never started is a row that says so, never a
+silent gap. Written to the sweep folder (or `--out`): `table.md`, `runs.csv`, `table.csv`,
+`<key>.png` (each metric against each swept key) and `curves.png` (the training curves of every
+run). `train.py -m` builds it when the sweep ends and prints where it is.
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ def read_run(folder: Path) -> Run:
         run.metrics = {name: final[key] for name, key in METRICS.items() if final.get(key) is not None}
         for match, judged in summary.get("judged", {}).items():
             run.metrics[f"win rate: {match}"] = judged["win_rate"]["rate"]
+            if "win_rate_ties_half" in judged:  # the rules judge against correct answers can only tie or lose
+                run.metrics[f"win rate, ties half: {match}"] = judged["win_rate_ties_half"]["rate"]
         finished = time.mktime(time.strptime(state["updated"], "%Y-%m-%dT%H:%M:%S"))
         run.wall_s = finished - config_file.stat().st_mtime if config_file.exists() else None
     metrics_file = folder / "metrics.jsonl"

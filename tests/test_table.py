@@ -32,7 +32,7 @@ def write_job(sweep: Path, number: int, tau: str, seed: int) -> None:
     final = {"loss": 1 - accuracy / 2, "rewards/accuracy": accuracy, "rewards/margin": 2 * accuracy, "logp_accuracy": accuracy}
     summary = {"stages": {"sft": {"final_eval": {"loss": 9.0, "logp_accuracy": 0.0}}, "align": {"final_eval": final}}}
     if seed == 0:
-        summary["judged"] = {"align vs chosen": {"win_rate": {"rate": accuracy / 4}}}
+        summary["judged"] = {"align vs chosen": {"win_rate": {"rate": accuracy / 4}, "win_rate_ties_half": {"rate": accuracy / 2}}}
     (folder / "summary.json").write_text(json.dumps(summary))
     (folder / "state.json").write_text(json.dumps({"state": "finished", "updated": "2026-12-03T10:00:00"}))
     records = [{"stage": "sft", "examples": 8, "loss": 2.0}, {"stage": "align", "examples": 0, "eval/rewards/accuracy": 0.0},
@@ -86,6 +86,7 @@ def test_the_setting_table_has_mean_spread_and_count_over_seeds(sweep):
     assert partial["reward accuracy ci95 low"] == "nan"  # one run has no interval
     assert float(partial["reward accuracy mean"]) == pytest.approx(0.25)  # the failed job is left out, not counted as 0
     assert float(full["win rate: align vs chosen mean"]) == pytest.approx(0.5 / 4)  # judged: seed 0 only
+    assert float(full["win rate, ties half: align vs chosen mean"]) == pytest.approx(0.5 / 2)
     markdown = table.read_text()
     # the override every run shares is said once; a setting's row names the swept key; loss, then reward accuracy
     assert markdown.startswith("Overrides of every run: model=tiny\n")
