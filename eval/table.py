@@ -5,12 +5,12 @@
     python -m eval.table outputs/multirun/<time> --out tables/rpo_tau
 
 Each run gives its overrides (the command-line ones, `.hydra/overrides.yaml`), its seed, the last
-stage's final held-out loss, reward accuracy and margin and preference accuracy, its wall time and,
-where it was judged (`eval.after_training`), its win rates, plain and with ties counted half
-(`summary.json`). Runs that differ only in `seed` form a group: mean, sample standard deviation,
-95 % interval of the mean (Student's t) and count. A sweep folder's expected jobs come from its
-`multirun.yaml`, so a job that failed, was stopped or never started is a row that says so, never a
-silent gap. Written to the sweep folder (or `--out`): `table.md`, `runs.csv`, `table.csv`,
+stage's final held-out loss, reward accuracy and margin, preference accuracy and chosen log-prob,
+its wall time and, where it was judged (`eval.after_training`), its win rates, plain and with ties
+counted half (`summary.json`). Runs that differ only in `seed` form a group: mean, sample standard
+deviation, 95 % interval of the mean (Student's t) and count. A sweep folder's expected jobs come
+from its `multirun.yaml`, so a job that failed, was stopped or never started is a row that says so,
+never a silent gap. Written to the sweep folder (or `--out`): `table.md`, `runs.csv`, `table.csv`,
 `<key>.png` (each metric against each swept key) and `curves.png` (the training curves of every
 run). `train.py -m` builds it when the sweep ends and prints where it is.
 """
@@ -35,6 +35,7 @@ METRICS = {  # column: key of the last stage's final held-out evaluation
     "reward accuracy": "rewards/accuracy",
     "margin": "rewards/margin",
     "preference accuracy": "logp_accuracy",
+    "chosen log-prob": "logps/chosen",  # falling while the margin grows: the likelihood of the preferred answers displaced
 }
 GROUPED_AWAY = "seed"  # runs that differ only in this override are repeats of one setting
 

@@ -29,7 +29,8 @@ def write_job(sweep: Path, number: int, tau: str, seed: int) -> None:
         (folder / "state.json").write_text(json.dumps({"state": "failed", "updated": "2026-12-03T10:00:00"}))
         return
     accuracy = ACCURACY[(tau, seed)]
-    final = {"loss": 1 - accuracy / 2, "rewards/accuracy": accuracy, "rewards/margin": 2 * accuracy, "logp_accuracy": accuracy}
+    final = {"loss": 1 - accuracy / 2, "rewards/accuracy": accuracy, "rewards/margin": 2 * accuracy, "logp_accuracy": accuracy,
+             "logps/chosen": -10 * accuracy}
     summary = {"stages": {"sft": {"final_eval": {"loss": 9.0, "logp_accuracy": 0.0}}, "align": {"final_eval": final}}}
     if seed == 0:
         summary["judged"] = {"align vs chosen": {"win_rate": {"rate": accuracy / 4}, "win_rate_ties_half": {"rate": accuracy / 2}}}
@@ -81,6 +82,7 @@ def test_the_setting_table_has_mean_spread_and_count_over_seeds(sweep):
     assert float(full["reward accuracy ci95 high"]) == pytest.approx(statistics.fmean(values) + half, abs=1e-5)
     assert (full["reward accuracy min"], full["reward accuracy max"], full["reward accuracy n"]) == ("0.5", "1.0", "3")
     assert float(full["margin mean"]) == pytest.approx(2 * statistics.fmean(values))
+    assert float(full["chosen log-prob mean"]) == pytest.approx(-10 * statistics.fmean(values))
     assert float(full["loss mean"]) == pytest.approx(1 - statistics.fmean(values) / 2)  # the last stage's, not the SFT's
     assert (partial["runs_finished"], partial["runs"], partial["reward accuracy n"]) == ("1", "3", "1")
     assert partial["reward accuracy ci95 low"] == "nan"  # one run has no interval
