@@ -22,7 +22,7 @@ from preference_datasets import BalancedSampler, LabelledResponse
 from trainers import TRAINERS
 from trainers.basic import LR_SCHEDULES, OPTIMIZERS
 from trainers.losses import LossSpec
-from utils import Checker, ConfigError
+from utils import Checker, ConfigError, stage_batch_key, stage_batch_size
 
 DTYPES = ("float32", "bfloat16")  # float16 would need loss scaling, which no trainer does
 MIXED_PRECISION = ("auto", "bf16", "fp32")
@@ -54,6 +54,7 @@ def check_config(cfg: DictConfig) -> LossSpec:
             check.number(f"{stage}.warmup_ratio", 0.0, 1.0)
         check.whole(f"{stage}.epochs")
         check.whole(f"{stage}.max_examples", optional=True)
+        check.whole(f"{stage}.batch_size", optional=True)
     for key in ("sft.enabled", "sft.reuse", "train.skip_nonfinite", "train.packing", "reference.precompute", "wandb.enabled", "debug"):
         check.flag(key)
     if cfg.trainer == "fsdp":
@@ -90,7 +91,7 @@ def check_evaluation(check: Checker) -> None:
 
 def check_train(check: Checker) -> None:
     check.choice("train.optimizer", list(OPTIMIZERS))
-    batch = check.whole("train.batch_size")
+    check.whole("train.batch_size")
     for key in ("eval_batch_size", "log_every"):
         check.whole(f"train.{key}")
     for key in ("eval_every", "save_every", "max_eval_examples"):
@@ -102,18 +103,21 @@ def check_train(check: Checker) -> None:
     if micro and steps:
         check.fail("train.gradient_accumulation_steps", f"and train.micro_batch_size={micro} both size the micro-batches: set one")
     parts = (steps or 1) * processes()
-    if batch and steps and batch % parts:
-        sizes = [len(range(k, batch, parts)) for k in range(parts)]
-        check.fail("train.batch_size", f"splits unevenly into {parts} micro-batches {tuple(sizes)}: use a multiple of {parts}")
+    for key in ("train.batch_size", "sft.batch_size", "align.batch_size"):
+        batch = check.value(key, None)
+        if isinstance(batch, int) and steps and batch % parts:
+            sizes = [len(range(k, batch, parts)) for k in range(parts)]
+            check.fail(key, f"splits unevenly into {parts} micro-batches {tuple(sizes)}: use a multiple of {parts}")
 
 
 def check_contrast_size(check: Checker, spec: LossSpec) -> None:
     """A contrast matrix over one pair is DPO: refuse a contrast group (or batch) of one pair."""
     if not (spec.contrasts_across_examples and spec.paired):
         return
-    batch = check.value("train.batch_size")
+    batch_key = "train.batch_size" if check.value("align.batch_size", None) is None else "align.batch_size"
+    batch = check.value(batch_key)
     if spec.contrast_group == 1 or batch == 1:
-        key = "loss.contrast_group" if spec.contrast_group == 1 else "train.batch_size"
+        key = "loss.contrast_group" if spec.contrast_group == 1 else batch_key
         check.fail(key, f"loss={spec.name} contrasts the pairs of a contrast group: with 1 pair it is plain DPO, give at least 2")
 
 
@@ -121,12 +125,12 @@ def check_unpaired_batches(cfg: DictConfig, items: Sequence[LabelledResponse]) -
     """Unpaired alignment: the first batch must give each configured micro-batch of each process
     both sides (the trainer checks again once an auto micro-batch is fitted)."""
     sampler = BalancedSampler([item.desirable for item in items], cfg.seed)
-    batch, steps, micro = cfg.train.batch_size, cfg.train.gradient_accumulation_steps, cfg.train.micro_batch_size
+    batch, steps, micro = stage_batch_size(cfg, "align"), cfg.train.gradient_accumulation_steps, cfg.train.micro_batch_size
     first = min(batch, len(items) * cfg.align.epochs, cfg.align.max_examples or batch)
     parts = (steps or (math.ceil(first / (micro * processes())) if isinstance(micro, int) else 1)) * processes()
     chosen, rejected = sampler.sides(first)
     if min(chosen, rejected) < parts:
         raise ConfigError(
-            f"train.batch_size={batch}: a first batch of {first} unpaired responses holds {chosen} desirable and {rejected} "
+            f"{stage_batch_key(cfg, 'align')}={batch}: a first batch of {first} unpaired responses holds {chosen} desirable and {rejected} "
             f"undesirable ones, too few for {parts} micro-batches that each need both: use a larger batch or fewer micro-batches"
         )

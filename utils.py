@@ -148,6 +148,23 @@ def positive_int(section: Mapping, key: str, alternative: str = "") -> int:
     return value
 
 
+def stage_batch_key(cfg: DictConfig, stage: str) -> str:
+    """The key holding a stage's batch: its own `<stage>.batch_size` when set, else `train.batch_size`."""
+    return "train.batch_size" if cfg[stage].get("batch_size") is None else f"{stage}.batch_size"
+
+
+def stage_batch_size(cfg: DictConfig, stage: str) -> int:
+    return OmegaConf.select(cfg, stage_batch_key(cfg, stage))
+
+
+def stage_config(cfg: DictConfig, stage: str) -> DictConfig:
+    """The config a stage's trainer reads: `train.batch_size` is the stage's batch, so that a sweep over
+    the alignment batch (RPO's contrast-group rows) leaves the SFT model every row starts from alone."""
+    if cfg[stage].get("batch_size") is None:
+        return cfg
+    return OmegaConf.merge(cfg, {"train": {"batch_size": stage_batch_size(cfg, stage)}})
+
+
 class ModelResolutionError(RuntimeError):
     """A model name that is neither a local folder, in the Hugging Face cache, on the hub nor packaged."""
 

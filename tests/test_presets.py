@@ -18,6 +18,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
+import train
 from checks import check_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,7 +134,7 @@ EXPECTED: dict[str, tuple[dict, dict[str, dict]]] = {
     ),
     "rpo_group": (
         MISTRAL_HH,
-        {f"row/rpo_group=g{g}": {**PAIRED_RPO, "loss.contrast_group": g, "train.batch_size": 8 * g} for g in (2, 4, 6, 8)},
+        {f"row/rpo_group=g{g}": {**PAIRED_RPO, "loss.contrast_group": g, "align.batch_size": 8 * g} for g in (2, 4, 6, 8)},
     ),
     "rpo_methods": (
         RPO_V1,
@@ -344,6 +345,15 @@ def test_the_rows_set_what_only_they_change():
     assert "rating of 100 out of 100" in sr["row/sr=sr_dpo"].loss.sr_prompt
     weighting = sweep_jobs("rpo_weighting")
     assert weighting["row/rpo_weighting=paired"].loss.compat == "paper"  # only Table 1's uniform and diagonal rows are the official code's
+    for preset in ("rpo_group", "rpo_group_small"):  # the group-size rows change the alignment batch; every row starts from one SFT
+        sft_settings = {json.dumps(sft_settings_of(cfg), sort_keys=True) for cfg in sweep_jobs(preset).values()}
+        assert len(sft_settings) == 1, preset
+
+
+def sft_settings_of(cfg) -> dict:
+    """What `sft.reuse` compares between runs (besides the examples)."""
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    return {key: value for key, value in settings.items() if key not in train.NOT_READ_BY_SFT}
 
 
 @pytest.mark.parametrize("preset", sorted(EXPECTED))

@@ -395,13 +395,23 @@ def test_cosine_schedule_with_warmup_ratio_is_hugging_faces(make_cfg, tmp_path):
     assert logged_learning_rates(tmp_path / "run", "sft") == pytest.approx([cfg.sft.lr * min(1, (k + 1) / 3) for k in range(16 // 4)])
 
 
+def test_a_stage_batch_size_sizes_that_stage_only(make_cfg, tmp_path):
+    """`align.batch_size` (RPO's contrast-group rows) changes the alignment batch, not SFT's, and the
+    messages about the batch name the key that set it."""
+    cfg = make_cfg("loss=rpo", "train.batch_size=4", "align.batch_size=8", "sft.max_examples=16", "align.max_examples=24")
+    sft, align = build(cfg, tmp_path, "sft"), build(cfg, tmp_path, "align")
+    assert (sft.cfg.train.batch_size, sft.planned_steps(), sft.batch_key) == (4, 4, "train.batch_size")
+    assert (align.cfg.train.batch_size, align.planned_steps(), align.batch_key) == (8, 3, "align.batch_size")
+    assert cfg.train.batch_size == 4  # the run's config is left as composed
+
+
 def test_a_run_takes_the_sft_stage_of_an_earlier_run_with_the_same_sft(make_cfg, tmp_path, capsys):
     """`sft.reuse`: a sweep over alignment keys trains SFT once. The reused stage equals training it
     again (the same weights, so the same aligned model); another SFT setting or seed trains its own."""
     first = train.run(make_cfg("loss=dpo", "sft.reuse=true"), tmp_path / "first")
-    reused = train.run(make_cfg("loss=rpo", "sft.reuse=true"), tmp_path / "reused")
+    reused = train.run(make_cfg("loss=rpo", "sft.reuse=true", "align.batch_size=8"), tmp_path / "reused")  # alignment keys only
     assert "Stage sft: the same SFT (model, data, SFT settings, seed) finished in" in capsys.readouterr().out
-    train.run(make_cfg("loss=rpo", "sft.reuse=false"), tmp_path / "trained")
+    train.run(make_cfg("loss=rpo", "sft.reuse=false", "align.batch_size=8"), tmp_path / "trained")
     assert reused["stages"]["sft"] == first["stages"]["sft"]
     for stage in ("sft", "align"):
         reused_weights = load_file(tmp_path / "reused" / stage / "final" / "model.safetensors")
@@ -412,7 +422,7 @@ def test_a_run_takes_the_sft_stage_of_an_earlier_run_with_the_same_sft(make_cfg,
     sft_lines = [line for line in (tmp_path / "first" / "metrics.jsonl").read_text().splitlines() if '"stage": "sft"' in line]
     assert (tmp_path / "reused" / "metrics.jsonl").read_text().splitlines()[: len(sft_lines)] == sft_lines
     capsys.readouterr()
-    for overrides in (["seed=1"], ["sft.lr=2e-3"]):
+    for overrides in (["seed=1"], ["sft.lr=2e-3"], ["sft.batch_size=8"]):
         train.run(make_cfg("loss=dpo", "sft.reuse=true", "align.max_examples=8", *overrides), tmp_path / overrides[0])
         assert "Stage sft: the same SFT" not in capsys.readouterr().out, overrides
     first_model.unlink()  # the recorded model no longer verifies; the run that linked it keeps its own

@@ -57,6 +57,8 @@ from utils import (
     rng_state,
     seed_everything,
     set_rng_state,
+    stage_batch_key,
+    stage_config,
     state_fingerprint,
     text_fingerprint,
     write_checksums,
@@ -227,6 +229,8 @@ class BasicTrainer:
         metrics: MetricsLog,
         embeddings: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ):
+        self.batch_key = stage_batch_key(cfg, stage)  # the key to name in messages about the batch
+        cfg = stage_config(cfg, stage)
         self.cfg, self.stage, self.policy, self.tokenizer = cfg, stage, policy, tokenizer
         self.stage_cfg = cfg[stage]
         self.loss = LossSpec.of(cfg.loss) if stage == "align" else SFT
@@ -311,7 +315,7 @@ class BasicTrainer:
         if min(chosen, rejected) < steps * self.world_size:
             processes = f" x {self.world_size} processes" if self.world_size > 1 else ""
             raise ConfigError(
-                f"a batch of {first} unpaired responses (train.batch_size={batch}) holds {chosen} desirable and "
+                f"a batch of {first} unpaired responses ({self.batch_key}={batch}) holds {chosen} desirable and "
                 f"{rejected} undesirable ones; each of its {steps} micro-batches{processes} needs both: use a larger batch, "
                 "fewer train.gradient_accumulation_steps or a larger train.micro_batch_size (auto: a larger train.memory_budget)"
             )
@@ -439,7 +443,7 @@ class BasicTrainer:
                           round(base / GB, 2), round(per_example / GB, 3))
         if is_main_process():
             print(
-                f"{self.stage}: micro-batch {plan.micro_batch} of train.batch_size={self.cfg.train.batch_size} "
+                f"{self.stage}: micro-batch {plan.micro_batch} of {self.batch_key}={self.cfg.train.batch_size} "
                 f"({plan.accumulation_steps} accumulation steps{' per process' if self.world_size > 1 else ''}): "
                 f"estimated peak {plan.estimate_gb} GB of a {plan.budget_gb} GB budget "
                 f"({plan.base_gb} GB held + {plan.per_example_gb} GB per example; train.memory_budget={self.cfg.train.memory_budget})"

@@ -134,11 +134,11 @@ class FSDPTrainer(BasicTrainer):
         batch, steps = self.cfg.train.batch_size, self.plan.accumulation_steps if self.plan else 1
         if batch % (self.world_size * steps):
             raise ConfigError(
-                f"train.batch_size={batch} cannot be split evenly over {self.world_size} processes x {steps} "
+                f"{self.batch_key}={batch} cannot be split evenly over {self.world_size} processes x {steps} "
                 f"micro-batches: use a multiple of {self.world_size * steps}"
             )
         if planned < batch:
-            raise ConfigError(f"{self.stage} has {planned} training examples, less than one batch (train.batch_size={batch})")
+            raise ConfigError(f"{self.stage} has {planned} training examples, less than one batch ({self.batch_key}={batch})")
         whole_batches = planned - planned % batch
         if whole_batches < planned and is_main_process():
             print(f"FSDP: {self.stage} runs {whole_batches} examples; the last {planned - whole_batches} do not fill a batch of {batch}")
