@@ -84,6 +84,10 @@ CASES: dict[str, tuple[list[str], str | None, list[str], int]] = {
     # the schedule and the batches
     "batch size zero (was: an endless loop)": (["train.batch_size=0"], None, ["train.batch_size=0", "whole number"], 1),
     "rpo over one pair is dpo": (["train.batch_size=1"], None, ["train.batch_size=1", "plain DPO"], 1),
+    "align batch size zero": (["align.batch_size=0"], None, ["align.batch_size=0", "whole number of at least 1 or null"], 1),
+    "rpo over an alignment batch of one pair": (["align.batch_size=1"], None, ["align.batch_size=1", "plain DPO"], 1),
+    "alignment batch splitting unevenly": (
+        ["loss=dpo", "align.batch_size=6", "train.gradient_accumulation_steps=4"], None, ["align.batch_size=6", "(2, 2, 1, 1)"], 1),
     "rpo contrast group of one": (["loss.contrast_group=1"], None, ["loss.contrast_group=1", "plain DPO"], 1),
     "accumulation zero": (["train.gradient_accumulation_steps=0"], None, ["train.gradient_accumulation_steps=0"], 1),
     "uneven accumulation (was: 2, 2, 1, 1 silently)": (
