@@ -265,8 +265,9 @@ def numeric(value: str) -> float | None:
 
 
 def plot_against_keys(runs: Sequence[Run], groups: Sequence[Group], out: Path) -> list[Path]:
-    """For each swept key: every metric against the key's value, one line per setting of the other
-    keys, error bars one standard deviation over seeds."""
+    """For each swept key: every metric against the key's value, one series per setting of the other
+    keys: the mean with error bars of one standard deviation over seeds, and each seed's value as a
+    dot; a line joins the means only where the values are numbers (tau, beta), not names (rows)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -284,18 +285,25 @@ def plot_against_keys(runs: Sequence[Run], groups: Sequence[Group], out: Path) -
         values = list(dict.fromkeys(v for members in lines.values() for v, _ in members))
         as_numbers = [numeric(v) for v in values]
         position = dict(zip(values, as_numbers, strict=True)) if None not in as_numbers else {v: i for i, v in enumerate(values)}
-        figure, axes = plt.subplots(1, len(names), figsize=(3.8 * len(names), 3.2), squeeze=False)
-        for axis, name in zip(axes[0], names, strict=True):
-            for line, members in lines.items():
+        columns = min(4, len(names))
+        rows = math.ceil(len(names) / columns)
+        figure, axes = plt.subplots(rows, columns, figsize=(3.8 * columns, 3.2 * rows), squeeze=False)
+        for axis, name in zip(axes.flat, names, strict=False):
+            for number, (line, members) in enumerate(lines.items()):
                 members = sorted((m for m in members if m[1].values(name)), key=lambda m: position[m[0]])
-                if members:
-                    axis.errorbar([position[v] for v, _ in members], [g.mean(name) for _, g in members],
-                                  yerr=[g.std(name) for _, g in members], marker="o", capsize=3, label=line)
+                x = [position[v] for v, _ in members]
+                axis.errorbar(x, [g.mean(name) for _, g in members], yerr=[g.std(name) for _, g in members], marker="o",
+                              capsize=3, color=f"C{number % 10}", linestyle="-" if None not in as_numbers else "none", label=line)
+                for where, (_, group) in zip(x, members, strict=True):
+                    seeds = group.values(name)
+                    axis.scatter([where] * len(seeds), seeds, s=9, color=f"C{number % 10}", alpha=0.45, zorder=3)
             if None in as_numbers:
                 axis.set_xticks(range(len(values)), values, rotation=30, fontsize=7)
             axis.set_xlabel(key)
             axis.set_title(name, fontsize=9)
             axis.grid(alpha=0.3)
+        for axis in list(axes.flat)[len(names):]:
+            axis.set_visible(False)
         if len(lines) > 1:
             axes[0][0].legend(fontsize=6)
         figure.tight_layout()
