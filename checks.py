@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from eval.after_training import AFTER_TRAINING, AFTER_TRAINING_PROTOCOLS, demo_only
 from eval.backends import missing_api_key
 from eval.sampling import check_generation
+from eval.table import METRICS
 from preference_datasets import BalancedSampler, LabelledResponse
 from trainers import TRAINERS
 from trainers.basic import LR_SCHEDULES, OPTIMIZERS
@@ -78,6 +79,7 @@ def check_evaluation(check: Checker) -> None:
     protocol and, through an API, its key (a missing key would otherwise surface after training)."""
     mode = check.choice("eval.after_training", AFTER_TRAINING)
     check_generation(check, "eval.generation")
+    check_objective(check, mode)
     check.whole("eval.max_prompts", optional=True)
     if mode == "rules" and not demo_only(check.cfg):
         check.fail("eval.after_training", f"the rules judge checks the demo data's answers only, not datasets {list(check.cfg.datasets)}")
@@ -87,6 +89,21 @@ def check_evaluation(check: Checker) -> None:
         problem = missing_api_key(str(check.value("eval.judge.openai.api_key_env")))
         if problem:
             check.fail("eval.judge.openai.api_key_env", problem)
+
+
+JUDGED_MATCHES = ("align vs sft", "align vs chosen", "sft vs chosen")  # eval.after_training's comparisons
+
+
+def check_objective(check: Checker, mode: str | None) -> None:
+    """`objective`: a result every run of the config will have (a win rate needs a judge after training)."""
+    objective = check.value("objective")
+    judged = [f"{kind}: {match}" for kind in ("win rate", "win rate, ties half") for match in JUDGED_MATCHES]
+    if objective in METRICS:
+        return
+    if objective not in judged:
+        check.fail("objective", f"not a result of a run: give one of {', '.join([*METRICS, *judged])}")
+    elif mode == "none" or (mode == "auto" and not demo_only(check.cfg)):
+        check.fail("objective", "is a judged win rate, but nothing is judged after training (set eval.after_training)")
 
 
 def check_train(check: Checker) -> None:

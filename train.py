@@ -27,6 +27,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
 from checks import check_config, check_unpaired_batches
+from eval.table import run_metrics
 from preference_datasets import (
     DataError,
     Example,
@@ -52,6 +53,7 @@ from utils import (
     distributed,
     encode_texts,
     is_main_process,
+    join_submitit_tasks,
     main_process_first,
     on_main_process,
     print_errors,
@@ -424,7 +426,8 @@ def report(results: dict, run_dir: Path, final_model: Path, cfg: DictConfig) -> 
 def run(cfg: DictConfig, output_dir: Path) -> dict:
     """Run every stage of the config in `output_dir` (or in the run being resumed); return the summary."""
     check_config(cfg)  # every config problem, before anything loads
-    StopSignals.install()  # SIGTERM / SIGUSR1: checkpoint after the current step, then exit
+    StopSignals.install()  # SIGTERM / SIGUSR1 (and submitit's warning): checkpoint after the current step, then exit
+    join_submitit_tasks()  # a submitit job of several tasks is one process group, as under torchrun
     trainer_type = trainer_class(cfg.trainer)
     trainer_type.launch(cfg)
     seed_everything(cfg.seed)
@@ -478,9 +481,9 @@ def train_stages(
 
 
 @record  # under torchrun: the failing process's traceback goes into the launcher's error summary
-def run_process(cfg: DictConfig, output_dir: Path) -> None:
+def run_process(cfg: DictConfig, output_dir: Path) -> dict:
     try:
-        run(cfg, output_dir)
+        return run(cfg, output_dir)
     except Exception as error:
         if distributed():  # name the process: the launcher interleaves every process's output
             print(f"[rank {rank()} of {world_size()}] {type(error).__name__}: {error}", file=sys.stderr, flush=True)
@@ -501,14 +504,16 @@ def show_traceback(cfg: DictConfig) -> bool:
 
 
 @hydra.main(config_path="config", config_name="config", version_base=None)
-def main(cfg: DictConfig) -> None:
-    """A problem of the config, the data or the model name ends the run with one line per problem
-    and exit code 2 (a traceback with `debug=true` or HYDRA_FULL_ERROR=1)."""
+def main(cfg: DictConfig) -> float:
+    """Train; return the run's `objective` (what a sweeper such as Optuna optimises). A problem of
+    the config, the data or the model name ends the run with one line per problem and exit code 2
+    (a traceback with `debug=true` or HYDRA_FULL_ERROR=1)."""
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        run_process(cfg, output_dir)
+        summary = run_process(cfg, output_dir)
     except Stopped as stop:
         print(f"{stop}; continue with resume=true", file=sys.stderr)
+        StopSignals.requeue_with_submitit(stop.signal_name)  # under submitit, its warning requeues the job into this run folder
         sys.exit(EXIT_STOPPED)
     except (ConfigError, DataError, ModelResolutionError, NonFiniteLoss) as error:
         if show_traceback(cfg):
@@ -516,6 +521,11 @@ def main(cfg: DictConfig) -> None:
         discard_stray_output(output_dir, None)  # a start that failed leaves no empty run folder
         print_errors(error)
         sys.exit(EXIT_FAILED if isinstance(error, NonFiniteLoss) else EXIT_BAD_INPUT)
+    metrics = run_metrics(summary)
+    if cfg.objective not in metrics:  # e.g. a ties-half win rate from a judge that gives none
+        print_errors(ConfigError(f"objective={cfg.objective!r}: this run has no such result, only {', '.join(metrics)}"))
+        sys.exit(EXIT_BAD_INPUT)
+    return metrics[cfg.objective]
 
 
 if __name__ == "__main__":

@@ -526,20 +526,49 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+def submitit_job() -> bool:
+    """Whether this process is a task of a submitit job (Hydra's submitit launchers)."""
+    return bool(os.environ.get("SUBMITIT_EXECUTOR"))
+
+
+def join_submitit_tasks() -> None:
+    """A submitit job of several tasks (a node of 8 GPUs: 8 tasks) is one torch.distributed group:
+    export the layout SLURM gave the tasks as torchrun would (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*),
+    every task keeping sight of all its node's GPUs (the FSDP trainer takes cuda:LOCAL_RANK)."""
+    if not submitit_job():
+        return
+    import submitit
+
+    if submitit.JobEnvironment().num_tasks > 1 and "RANK" not in os.environ:
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 class StopSignals:
-    """Turns the schedulers' stop signals (SIGTERM; SIGUSR1, SLURM's warning before the time limit)
-    into a request that the training loop honours after its current step: checkpoint, then exit.
-    A second signal of the same kind ends the process at once (the default action)."""
+    """Turns the schedulers' stop signals into a request that the training loop honours after its
+    current step: checkpoint, then exit. SIGTERM and SIGUSR1 (SLURM's warning before the time limit);
+    in a submitit job also submitit's warning (SIGUSR2 unless SUBMITIT_PREEMPT_SIGNAL says), after
+    which the job asks submitit to requeue it (`requeue_with_submitit`). A second signal ends the
+    process at once (the default action)."""
 
     SIGNALS = ("SIGTERM", "SIGUSR1")
     received: str | None = None
+    submitit_requeue: Callable | None = None  # submitit's own handler for its signal: checkpoints the job's call, requeues
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        if not submitit_job():
+            return cls.SIGNALS
+        return tuple(dict.fromkeys([*cls.SIGNALS, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")]))
 
     @classmethod
     def install(cls) -> None:
         cls.received = None
-        if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
-            for name in cls.SIGNALS:
-                signal.signal(getattr(signal, name), cls.handle)
+        if threading.current_thread() is not threading.main_thread():  # Python delivers signals to the main thread only
+            return
+        for name in cls.names():
+            previous = signal.signal(getattr(signal, name), cls.handle)
+            if name not in cls.SIGNALS and previous is not cls.handle:
+                cls.submitit_requeue = previous if callable(previous) else None
 
     @classmethod
     def handle(cls, number: int, frame) -> None:
@@ -553,10 +582,20 @@ class StopSignals:
         """The signal received by this process or, under torchrun, by any process (all agree)."""
         if not distributed():
             return cls.received
+        names = cls.names()
         # one small reduction per step (a CPU tensor: gloo carries it under either backend layout)
-        code = torch.tensor([cls.SIGNALS.index(cls.received) + 1 if cls.received else 0])
+        code = torch.tensor([names.index(cls.received) + 1 if cls.received else 0])
         dist.all_reduce(code, op=dist.ReduceOp.MAX)
-        return cls.SIGNALS[int(code) - 1] if int(code) else None
+        return names[int(code) - 1] if int(code) else None
+
+    @classmethod
+    def requeue_with_submitit(cls, name: str) -> None:
+        """After the checkpoint that `name` asked for: if it was submitit's warning, let submitit
+        requeue the job (it exits this process; the requeued job continues this run folder). SIGTERM
+        is left to SLURM, which requeues the jobs it pre-empts itself."""
+        if cls.submitit_requeue is not None and name not in cls.SIGNALS:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # SLURM's SIGTERM on requeueing must not cut submitit's bookkeeping
+            cls.submitit_requeue(getattr(signal, name), None)
 
 
 def barrier() -> None:

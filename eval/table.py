@@ -57,6 +57,18 @@ class Run:
         return tuple(o for o in self.overrides if o.split("=", 1)[0].lstrip("+~") != GROUPED_AWAY)
 
 
+def run_metrics(summary: dict) -> dict[str, float]:
+    """The columns of a finished run's `summary.json`: the last stage's final held-out metrics and the
+    judged win rates (also what `train.py` returns to a sweeper as its `objective`)."""
+    final = list(summary["stages"].values())[-1]["final_eval"]
+    metrics = {name: final[key] for name, key in METRICS.items() if final.get(key) is not None}
+    for match, judged in summary.get("judged", {}).items():
+        metrics[f"win rate: {match}"] = judged["win_rate"]["rate"]
+        if "win_rate_ties_half" in judged:  # the rules judge against correct answers can only tie or lose
+            metrics[f"win rate, ties half: {match}"] = judged["win_rate_ties_half"]["rate"]
+    return metrics
+
+
 def read_run(folder: Path) -> Run:
     """A run folder's overrides, state, seed, final metrics, wall time and metric records."""
     overrides_file = folder / ".hydra" / "overrides.yaml"
@@ -68,13 +80,7 @@ def read_run(folder: Path) -> Run:
         run.seed = OmegaConf.load(config_file).get("seed")
     summary_file = folder / "summary.json"
     if run.state == "finished" and summary_file.exists():
-        summary = json.loads(summary_file.read_text())
-        final = list(summary["stages"].values())[-1]["final_eval"]
-        run.metrics = {name: final[key] for name, key in METRICS.items() if final.get(key) is not None}
-        for match, judged in summary.get("judged", {}).items():
-            run.metrics[f"win rate: {match}"] = judged["win_rate"]["rate"]
-            if "win_rate_ties_half" in judged:  # the rules judge against correct answers can only tie or lose
-                run.metrics[f"win rate, ties half: {match}"] = judged["win_rate_ties_half"]["rate"]
+        run.metrics = run_metrics(json.loads(summary_file.read_text()))
         finished = time.mktime(time.strptime(state["updated"], "%Y-%m-%dT%H:%M:%S"))
         run.wall_s = finished - config_file.stat().st_mtime if config_file.exists() else None
     metrics_file = folder / "metrics.jsonl"
@@ -343,11 +349,17 @@ def plot_curves(runs: Sequence[Run], out: Path) -> Path:
     return path
 
 
+def is_sweep(path: Path) -> bool:
+    """A `-m` sweep's folder, whichever sweeper (grid, Optuna) and launcher (local, submitit) ran it:
+    it holds run folders and is not one itself."""
+    return path.is_dir() and not (path / "config.yaml").exists() and bool(run_folders(path))
+
+
 def build_table(paths: Sequence[Path], out: Path | None = None) -> Path:
     """Collect the runs, write the tables and plots into `out` (the first path if it is a sweep
     folder, else the current folder); return the markdown table's path."""
     runs = collect(paths)
-    out = Path(out or (paths[0] if len(paths) == 1 and (Path(paths[0]) / "multirun.yaml").exists() else "."))
+    out = Path(out or (paths[0] if len(paths) == 1 and is_sweep(Path(paths[0])) else "."))
     out.mkdir(parents=True, exist_ok=True)
     groups = group_runs(runs)
     write_tables(runs, groups, out)
@@ -361,7 +373,7 @@ class SweepTable(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep = Path(config.hydra.sweep.dir)
-        if not (sweep / "multirun.yaml").exists():
+        if not is_sweep(sweep):
             return
         try:
             table = build_table([sweep])

@@ -84,6 +84,10 @@ CASES: dict[str, tuple[list[str], str | None, list[str], int]] = {
     # the schedule and the batches
     "batch size zero (was: an endless loop)": (["train.batch_size=0"], None, ["train.batch_size=0", "whole number"], 1),
     "rpo over one pair is dpo": (["train.batch_size=1"], None, ["train.batch_size=1", "plain DPO"], 1),
+    "objective typo": (["objective=reward_accuracy"], None, ["objective='reward_accuracy'", "reward accuracy, margin"], 1),
+    "judged objective, nothing judged": (
+        ["objective=win rate: align vs sft", "eval.after_training=none"], None,
+        ["objective='win rate: align vs sft'", "nothing is judged"], 1),
     "align batch size zero": (["align.batch_size=0"], None, ["align.batch_size=0", "whole number of at least 1 or null"], 1),
     "rpo over an alignment batch of one pair": (["align.batch_size=1"], None, ["align.batch_size=1", "plain DPO"], 1),
     "alignment batch splitting unevenly": (

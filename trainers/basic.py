@@ -72,6 +72,10 @@ class CorruptCheckpoint(DataError):
 class Stopped(Exception):
     """A stop signal was honoured: the stage's progress is checkpointed, the run can be resumed."""
 
+    def __init__(self, message: str, signal_name: str):
+        super().__init__(message)
+        self.signal_name = signal_name
+
 
 class NonFiniteLoss(ArithmeticError):
     """A training step's loss or gradient norm was NaN or infinite (and `train.skip_nonfinite` is off)."""
@@ -1043,14 +1047,14 @@ class BasicTrainer:
         return self.save_final(initial_eval, final_eval)
 
     def stop_if_signalled(self, initial_eval: Mapping) -> None:
-        """After a stop signal (SIGTERM, SIGUSR1; on any process): checkpoint the steps done, then stop."""
+        """After a stop signal (`StopSignals`; on any process): checkpoint the steps done, then stop."""
         name = StopSignals.requested()
         if name is None:
             return
         if self.checkpointed_at != self.examples:
             self.save_checkpoint(initial_eval)
         saved = f"checkpoint in {self.stage_dir / 'checkpoint'}" if self.examples else "nothing to save yet"
-        raise Stopped(f"{name} received: {self.stage} stopped after step {self.step} ({self.examples} examples), {saved}")
+        raise Stopped(f"{name} received: {self.stage} stopped after step {self.step} ({self.examples} examples), {saved}", name)
 
     # ----------------------------------------------------------------------------- checkpoints
 
