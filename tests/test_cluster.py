@@ -7,6 +7,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -15,9 +17,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
+from checks import check_config
 from tests.conftest import ROOT
+from tests.test_readme import CLUSTER_COMMANDS, all_readme_commands
 
 TINY = [
     "model=tiny",
@@ -143,3 +148,20 @@ def test_the_slurm_presets_compose(preset, nodes, tasks, gpus):
     assert (launcher["nodes"], launcher["tasks_per_node"], launcher["gpus_per_node"]) == (nodes, tasks, gpus)
     assert (launcher["partition"], launcher["account"]) == ("gpu", "lab")
     assert launcher["max_num_timeout"] > 0 and launcher["signal_delay_s"] >= 60  # requeued; warned in time for a checkpoint
+
+
+def test_the_readmes_cluster_commands_compose():
+    """The README's SLURM, submitit and Optuna commands (test_readme.py leaves them to this file):
+    each composes, with the launcher and sweeper it names."""
+    commands = [c for c in all_readme_commands() if any(part in c for part in CLUSTER_COMMANDS)]
+    assert len(commands) >= 5
+    for command in commands:
+        arguments = [a for a in shlex.split(command)[2:] if a != "-m" and not re.search(r"=[^(\[]*,|\(", a)]
+        with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
+            cfg = compose("config", overrides=arguments, return_hydra_config=True)
+        check_config(cfg)
+        for group in ("launcher", "sweeper"):
+            chosen = next((a.split("=", 1)[1] for a in arguments if a.startswith(f"hydra/{group}=")), None)
+            expected = {"submitit_local": "LocalLauncher", "search_rpo": "OptunaSweeper", "search_sr": "OptunaSweeper"}.get(chosen)
+            if chosen:
+                assert cfg.hydra[group]._target_.endswith(expected or "SlurmLauncher"), command
