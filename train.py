@@ -22,6 +22,7 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
@@ -504,7 +505,7 @@ def show_traceback(cfg: DictConfig) -> bool:
 
 
 @hydra.main(config_path="config", config_name="config", version_base=None)
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | None:
     """Train; return the run's `objective` (what a sweeper such as Optuna optimises). A problem of
     the config, the data or the model name ends the run with one line per problem and exit code 2
     (a traceback with `debug=true` or HYDRA_FULL_ERROR=1)."""
@@ -522,10 +523,10 @@ def main(cfg: DictConfig) -> float:
         print_errors(error)
         sys.exit(EXIT_FAILED if isinstance(error, NonFiniteLoss) else EXIT_BAD_INPUT)
     metrics = run_metrics(summary)
-    if cfg.objective not in metrics:  # e.g. a ties-half win rate from a judge that gives none
-        print_errors(ConfigError(f"objective={cfg.objective!r}: this run has no such result, only {', '.join(metrics)}"))
-        sys.exit(EXIT_BAD_INPUT)
-    return metrics[cfg.objective]
+    if cfg.objective not in metrics and HydraConfig.get().mode == RunMode.MULTIRUN:  # e.g. an SFT-only run's reward accuracy
+        print(f"objective={cfg.objective!r}: this run has no such result (it has {', '.join(metrics)}); the sweeper gets None",
+              file=sys.stderr)
+    return metrics.get(cfg.objective)
 
 
 if __name__ == "__main__":
