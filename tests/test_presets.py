@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -375,7 +376,7 @@ def test_each_small_variant_is_the_same_comparison_at_cpu_scale(preset):
 
 def test_a_small_preset_sweeps_through_the_cli_and_ends_in_its_table(tmp_path):
     """`python train.py -m +experiment=rpo_group_small` on `tiny` and the demo data: one job per row,
-    each with its contrast group and batch, and the sweep's table has the four rows."""
+    each with its contrast group and alignment batch, and the sweep's table has the four rows."""
     command = [
         sys.executable,
         "train.py",
@@ -395,7 +396,10 @@ def test_a_small_preset_sweeps_through_the_cli_and_ends_in_its_table(tmp_path):
     sweep = next((tmp_path / "multirun" / "rpo_group_small").iterdir())
     configs = {OmegaConf.load(path).loss.contrast_group: OmegaConf.load(path) for path in sweep.glob("*/config.yaml")}
     assert sorted(configs) == [2, 4, 6, 8]
-    assert all(cfg.train.batch_size == 8 * group and cfg.model.name == "tiny" for group, cfg in configs.items())
+    assert all(cfg.align.batch_size == 8 * group and cfg.model.name == "tiny" for group, cfg in configs.items())
+    for summary in sweep.glob("*/summary.json"):  # the alignment stage ran at its row's batch
+        group = OmegaConf.load(summary.with_name("config.yaml")).loss.contrast_group
+        assert json.loads(summary.read_text())["stages"]["align"]["steps"] == math.ceil(64 / (8 * group)), group
     table = (sweep / "table.md").read_text()
     assert f"Sweep table: {sweep / 'table.md'}" in result.stdout
     for group in (2, 4, 6, 8):
