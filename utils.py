@@ -554,11 +554,14 @@ class StopSignals:
     received: str | None = None
     submitit_requeue: Callable | None = None  # submitit's own handler for its signal: checkpoints the job's call, requeues
 
+    @staticmethod
+    def submitit_signal() -> str | None:
+        """The signal submitit warns a job with (its SUBMITIT_PREEMPT_SIGNAL, USR2 by default); None outside a job."""
+        return "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2") if submitit_job() else None
+
     @classmethod
     def names(cls) -> tuple[str, ...]:
-        if not submitit_job():
-            return cls.SIGNALS
-        return tuple(dict.fromkeys([*cls.SIGNALS, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")]))
+        return tuple(dict.fromkeys([*cls.SIGNALS, *filter(None, [cls.submitit_signal()])]))
 
     @classmethod
     def install(cls) -> None:
@@ -567,7 +570,7 @@ class StopSignals:
             return
         for name in cls.names():
             previous = signal.signal(getattr(signal, name), cls.handle)
-            if name not in cls.SIGNALS and previous is not cls.handle:
+            if name == cls.submitit_signal() and previous != cls.handle:
                 cls.submitit_requeue = previous if callable(previous) else None
 
     @classmethod
@@ -593,7 +596,7 @@ class StopSignals:
         """After the checkpoint that `name` asked for: if it was submitit's warning, let submitit
         requeue the job (it exits this process; the requeued job continues this run folder). SIGTERM
         is left to SLURM, which requeues the jobs it pre-empts itself."""
-        if cls.submitit_requeue is not None and name not in cls.SIGNALS:
+        if cls.submitit_requeue is not None and name == cls.submitit_signal():
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # SLURM's SIGTERM on requeueing must not cut submitit's bookkeeping
             cls.submitit_requeue(getattr(signal, name), None)
 

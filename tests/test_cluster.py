@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from checks import check_config
 from tests.conftest import ROOT
 from tests.test_readme import CLUSTER_COMMANDS, all_readme_commands
+from utils import StopSignals
 
 TINY = [
     "model=tiny",
@@ -165,3 +166,24 @@ def test_the_readmes_cluster_commands_compose():
             expected = {"submitit_local": "LocalLauncher", "search_rpo": "OptunaSweeper", "search_sr": "OptunaSweeper"}.get(chosen)
             if chosen:
                 assert cfg.hydra[group]._target_.endswith(expected or "SlurmLauncher"), command
+
+
+def test_submitits_own_signal_setting_decides_which_stop_requeues(monkeypatch):
+    """SUBMITIT_PREEMPT_SIGNAL=USR1 makes SIGUSR1 submitit's warning: after the checkpoint it
+    requeues (submitit's handler, saved when the stop handlers were installed); SIGTERM never does."""
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
+    monkeypatch.setenv("SUBMITIT_PREEMPT_SIGNAL", "USR1")
+    saved = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGUSR1)}
+    requeued = []
+    signal.signal(signal.SIGUSR1, lambda number, frame: requeued.append(number))  # stands in for submitit's handler
+    try:
+        StopSignals.install()
+        assert StopSignals.names() == ("SIGTERM", "SIGUSR1")
+        StopSignals.requeue_with_submitit("SIGTERM")
+        assert requeued == []
+        StopSignals.requeue_with_submitit("SIGUSR1")
+        assert requeued == [signal.SIGUSR1]
+    finally:
+        for number, handler in saved.items():
+            signal.signal(number, handler)
+        StopSignals.submitit_requeue = None
