@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import statistics
@@ -322,7 +323,8 @@ def plot_against_keys(runs: Sequence[Run], groups: Sequence[Group], out: Path) -
 
 def plot_curves(runs: Sequence[Run], out: Path) -> Path:
     """Training loss, held-out loss and reward accuracy of every run's last stage (the one the
-    sweep compares: alignment after a shared SFT) against the examples that stage has seen."""
+    sweep compares: alignment after a shared SFT) against the examples that stage has seen; a
+    colour per setting, a line style per seed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -330,14 +332,20 @@ def plot_curves(runs: Sequence[Run], out: Path) -> Path:
 
     panels = [("training loss", "loss"), ("held-out loss", "eval/loss"), ("held-out reward accuracy", "eval/rewards/accuracy")]
     keys = swept_keys(runs) or None
+    plotted = [run for run in runs if run.curves]
+    colours = {setting: f"C{number % 10}" for number, setting in enumerate(dict.fromkeys(run.setting for run in plotted))}
+    seeds = {seed: style for seed, style in zip(dict.fromkeys(run.seed for run in plotted), itertools.cycle(["-", "--", ":", "-."]))}
     figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for axis, (title, key) in zip(axes[0], panels, strict=True):
-        for number, run in enumerate(r for r in runs if r.curves):
+        named = set()  # one legend entry per setting: a colour per setting, a line style per seed
+        for run in plotted:
             last = run.curves[-1]["stage"]
             points = [(r["examples"], r[key]) for r in run.curves if r["stage"] == last and key in r]
             if points:
-                seed = f" seed={run.seed}" if run.seed is not None else ""
-                axis.plot(*zip(*points, strict=True), color=f"C{number % 10}", linewidth=1, label=label(run.setting, keys) + seed)
+                name = label(run.setting, keys)
+                axis.plot(*zip(*points, strict=True), color=colours[run.setting], linestyle=seeds[run.seed], linewidth=1,
+                          label=None if name in named else name)
+                named.add(name)
         axis.set_title(title, fontsize=9)
         axis.set_xlabel("examples seen (last stage)")
         axis.grid(alpha=0.3)
