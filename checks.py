@@ -131,7 +131,7 @@ def check_contrast_size(check: Checker, spec: LossSpec) -> None:
     """A contrast matrix over one pair is DPO: refuse a contrast group (or batch) of one pair."""
     if not (spec.contrasts_across_examples and spec.paired):
         return
-    batch_key = "train.batch_size" if check.value("align.batch_size", None) is None else "align.batch_size"
+    batch_key = stage_batch_key(check.cfg, "align")
     batch = check.value(batch_key)
     if spec.contrast_group == 1 or batch == 1:
         key = "loss.contrast_group" if spec.contrast_group == 1 else batch_key

@@ -160,7 +160,7 @@ def stage_batch_size(cfg: DictConfig, stage: str) -> int:
 def stage_config(cfg: DictConfig, stage: str) -> DictConfig:
     """The config a stage's trainer reads: `train.batch_size` is the stage's batch, so that a sweep over
     the alignment batch (RPO's contrast-group rows) leaves the SFT model every row starts from alone."""
-    if cfg[stage].get("batch_size") is None:
+    if stage_batch_key(cfg, stage) == "train.batch_size":
         return cfg
     return OmegaConf.merge(cfg, {"train": {"batch_size": stage_batch_size(cfg, stage)}})
 
