@@ -56,8 +56,8 @@ def test_interrupted_at_several_moments_then_resumed_ends_as_an_uninterrupted_ru
     during_write = interrupt(resume, lambda: (run_dir / "align" / "checkpoint.tmp").exists(), signal.SIGKILL, poll=0.0005)
     assert during_write.returncode == -signal.SIGKILL and "Resuming sft from" in during_write.stdout
 
-    started = time.time()
-    stopped = interrupt(resume, newer_than("align/checkpoint/trainer_state.pt", run_dir, started), signal.SIGTERM)
+    started = time.time()  # stopped once this launch has written two checkpoints: a stop right after the first would save none
+    stopped = interrupt(resume, newer_than("align/checkpoint.previous/trainer_state.pt", run_dir, started), signal.SIGTERM)
     assert stopped.returncode == 75, stopped.stderr[-2000:]
     assert "SIGTERM received: align stopped after step" in stopped.stderr and "continue with resume=true" in stopped.stderr
     assert json.loads((run_dir / "state.json").read_text())["state"] == "stopped"
