@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -82,16 +83,43 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
-def smollm2_tokenizer():
+def smollm2_tokenizer(shared_cache):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_model_path(SMOLLM2))
+    return AutoTokenizer.from_pretrained(resolve_model_path(SMOLLM2, shared_cache))
 
 
 @pytest.fixture(scope="session")
-def shared_cache(tmp_path_factory) -> Path:
-    """One cache per test session: SmolLM2 is converted once, reference log-probs are keyed anyway."""
-    return tmp_path_factory.mktemp("cache")
+def converted_models(tmp_path_factory) -> Path:
+    """The `models` folder of a cache holding SmolLM2 converted from its packaged GGUF, once for the
+    whole session (about 30 s; `tiny` takes its tokenizer): the workers share it, the first to come
+    converts while the others wait. tests/test_resolver.py tests the conversion itself."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the folder every worker's temporary folder is in
+    with FileLock(root / "converted_models.lock"):
+        resolve_model_path(SMOLLM2, root / "converted_models")
+    return root / "converted_models" / "models"
+
+
+def cache_with_models(folder: Path, models: Path) -> Path:
+    """A new cache folder whose converted models are `models` (a link): what a test needs fresh is
+    the rest (reference log-probs, embeddings)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "models").symlink_to(models, target_is_directory=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory, converted_models) -> Path:
+    """One cache per worker: SmolLM2 converted once per session, reference log-probs are keyed anyway."""
+    return cache_with_models(tmp_path_factory.mktemp("cache"), converted_models)
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, converted_models) -> Path:
+    """A cache of the test's own (its reference log-probs computed anew) with the session's models."""
+    return cache_with_models(tmp_path / "cache", converted_models)
 
 
 @pytest.fixture

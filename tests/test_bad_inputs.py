@@ -209,10 +209,10 @@ def tree_digest(folder: Path) -> dict[str, bytes]:
 ALIGN_ONLY = ["loss=dpo", "sft.enabled=false", "align.max_examples=8", "train.batch_size=4", "train.max_eval_examples=4"]
 
 
-def test_what_a_run_wrote_is_never_trusted_blindly_nor_lost(tmp_path):
+def test_what_a_run_wrote_is_never_trusted_blindly_nor_lost(tmp_path, fresh_cache):
     """A reused run folder with another config, a corrupted reference cache, a corrupted finished
     model: refused or rebuilt with the file named, and nothing written before is changed."""
-    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    run_dir, cache = tmp_path / "run", fresh_cache  # launch's cache: the test's own
     first = launch([*ALIGN_ONLY, f"hydra.run.dir={run_dir}"], tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     before = tree_digest(run_dir)
@@ -239,7 +239,7 @@ def test_what_a_run_wrote_is_never_trusted_blindly_nor_lost(tmp_path):
     assert f"{weights} does not match its checksum" in corrupt.stderr and f"Delete {weights.parent}" in corrupt.stderr
 
 
-def test_a_non_finite_step_stops_the_run_naming_it(tmp_path):
+def test_a_non_finite_step_stops_the_run_naming_it(tmp_path, fresh_cache):
     """An exploding learning rate: the step whose gradient is NaN is not applied, the run stops with
     one line naming the stage, step and examples (exit 1), and the run's state says failed."""
     result = launch([*ALIGN_ONLY, "align.lr=1e30", "align.max_examples=16", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)

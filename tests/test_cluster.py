@@ -46,9 +46,9 @@ def job_logs(sweep: Path) -> str:
     return "".join(path.read_text() for path in sorted((sweep / ".submitit").glob("*/*_log.*")))
 
 
-def test_a_sweep_through_submitit_local_runs_each_job_and_ends_in_its_table(tmp_path):
+def test_a_sweep_through_submitit_local_runs_each_job_and_ends_in_its_table(tmp_path, shared_cache):
     sweep = tmp_path / "sweep"
-    done = train("-m", "hydra/launcher=submitit_local", "loss.beta=0.1,0.5", *TINY, f"runs_root={tmp_path}",
+    done = train("-m", "hydra/launcher=submitit_local", "loss.beta=0.1,0.5", *TINY, f"runs_root={tmp_path}", f"cache_dir={shared_cache}",
                  f"hydra.sweep.dir={sweep}")
     assert done.returncode == 0, done.stderr[-3000:]
     states = {path.parent.name: json.loads(path.read_text())["state"] for path in sweep.glob("*/state.json")}
@@ -60,12 +60,12 @@ def test_a_sweep_through_submitit_local_runs_each_job_and_ends_in_its_table(tmp_
     assert sorted(row["overrides"].split()[0] for row in rows) == ["loss.beta=0.1", "loss.beta=0.5"]
 
 
-def test_a_job_of_several_tasks_is_one_fsdp_group(tmp_path):
+def test_a_job_of_several_tasks_is_one_fsdp_group(tmp_path, shared_cache):
     """hydra.launcher.tasks_per_node=2 (a node's GPUs, on CPU here): both tasks join one process
     group, so each takes half of every batch."""
     sweep = tmp_path / "sweep"
     done = train("-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", "trainer=fsdp", *TINY,
-                 f"runs_root={tmp_path}", f"hydra.sweep.dir={sweep}")
+                 f"runs_root={tmp_path}", f"cache_dir={shared_cache}", f"hydra.sweep.dir={sweep}")
     assert done.returncode == 0, done.stderr[-3000:]
     logs = job_logs(sweep)
     assert "global_rank=1(2)" in logs
@@ -92,10 +92,10 @@ def align_steps(run: Path) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the job's process through /proc (Linux)")
-def test_a_preempted_job_is_requeued_and_ends_as_an_uninterrupted_run(tmp_path):
+def test_a_preempted_job_is_requeued_and_ends_as_an_uninterrupted_run(tmp_path, shared_cache):
     """submitit's warning (SIGUSR2) mid-alignment: the job checkpoints after its step, submitit
     requeues it, and the requeued job continues the same run folder to the same weights."""
-    overrides = [*TINY, "align.max_examples=64", "train.save_every=null", f"runs_root={tmp_path}"]
+    overrides = [*TINY, "align.max_examples=64", "train.save_every=null", f"runs_root={tmp_path}", f"cache_dir={shared_cache}"]
     sweep = tmp_path / "sweep"
     launch = subprocess.Popen([sys.executable, "train.py", "-m", "hydra/launcher=submitit_local", *overrides,
                                f"hydra.sweep.dir={sweep}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -121,12 +121,12 @@ def test_a_preempted_job_is_requeued_and_ends_as_an_uninterrupted_run(tmp_path):
     assert all((resumed[key] == uninterrupted[key]).all() for key in resumed)
 
 
-def test_an_optuna_search_runs_its_trials_and_reports_the_best(tmp_path):
+def test_an_optuna_search_runs_its_trials_and_reports_the_best(tmp_path, shared_cache):
     """hydra/sweeper=search_rpo: each trial's value is what train.py returns, its `objective` (here
     the held-out margin, a number no two trials share)."""
     sweep = tmp_path / "sweep"
     done = train("-m", "hydra/sweeper=search_rpo", "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=3", "loss.contrast_group=choice(2,4)",
-                 "objective=margin", *TINY, f"runs_root={tmp_path}", f"hydra.sweep.dir={sweep}")
+                 "objective=margin", *TINY, f"runs_root={tmp_path}", f"cache_dir={shared_cache}", f"hydra.sweep.dir={sweep}")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Best parameters" in done.stdout + done.stderr
     result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())

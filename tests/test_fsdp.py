@@ -84,13 +84,14 @@ def steps_job(configs: dict, folder: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def fsdp_results(tmp_path_factory):
+def fsdp_results(tmp_path_factory, converted_models):
     """The CASES under FSDP with 2 processes, each with its own fresh cache (sharded computation)."""
     from hydra import compose, initialize_config_dir
 
-    from tests.conftest import TINY_OVERRIDES
+    from tests.conftest import TINY_OVERRIDES, cache_with_models
 
     folder = tmp_path_factory.mktemp("fsdp")
+    cache_with_models(folder / "cache", converted_models)
     with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
         configs = {
             name: compose(
@@ -134,8 +135,8 @@ def test_groups_that_span_processes_are_cached_and_groups_within_one_are_not(fsd
     assert within["records"][-1]["loss"] != pytest.approx(across["records"][-1]["loss"], rel=1e-4)
 
 
-def test_reference_log_probs_are_computed_sharded_and_merged(fsdp_results, make_cfg, tmp_path):
-    basic = build(make_cfg(*STEP_OVERRIDES, "loss=dpo", f"cache_dir={tmp_path / 'cache'}"), tmp_path)
+def test_reference_log_probs_are_computed_sharded_and_merged(fsdp_results, make_cfg, tmp_path, fresh_cache):
+    basic = build(make_cfg(*STEP_OVERRIDES, "loss=dpo", f"cache_dir={fresh_cache}"), tmp_path)
     merged = fsdp_results["dpo, 2 micro-batches"]["reference"]
     for split in ("train", "test"):
         torch.testing.assert_close(merged[split], basic.reference_logps[split], rtol=1e-6, atol=1e-5)

@@ -374,7 +374,7 @@ def test_each_small_variant_is_the_same_comparison_at_cpu_scale(preset):
     )
 
 
-def test_a_small_preset_sweeps_through_the_cli_and_ends_in_its_table(tmp_path):
+def test_a_small_preset_sweeps_through_the_cli_and_ends_in_its_table(tmp_path, fresh_cache):
     """`python train.py -m +experiment=rpo_group_small` on `tiny` and the demo data: one job per row,
     each with its contrast group and alignment batch, and the sweep's table has the four rows."""
     command = [
@@ -389,7 +389,7 @@ def test_a_small_preset_sweeps_through_the_cli_and_ends_in_its_table(tmp_path):
         "train.max_eval_examples=16",
         "eval.after_training=none",
         f"runs_root={tmp_path}",
-        f"cache_dir={tmp_path / 'cache'}",
+        f"cache_dir={fresh_cache}",
     ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
