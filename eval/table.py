@@ -10,7 +10,11 @@ its wall time and, where it was judged (`eval.after_training`), its win rates, p
 counted half (`summary.json`). Runs that differ only in `seed` form a group: mean, sample standard
 deviation, 95 % interval of the mean (Student's t) and count. A sweep folder's expected jobs come
 from its `multirun.yaml`, so a job that failed, was stopped or never started is a row that says so,
-never a silent gap. Written to the sweep folder (or `--out`): `table.md`, `runs.csv`, `table.csv`,
+never a silent gap. Where the runs' paper compares rows head to head (its `paper.published` has
+"A vs B" entries, as the Sr paper's MT-Bench tables) and the runs were judged by the `rules` judge
+(the demo data), each seed's row A answers are judged against the same seed's row B answers and
+the verdicts pooled over seeds, beside the published numbers. Written to the sweep folder (or
+`--out`): `table.md`, `runs.csv`, `table.csv`, `head_to_head.csv` (where there are head-to-heads),
 `<key>.png` (each metric against each swept key) and `curves.png` (the training curves of every
 run). `train.py -m` builds it when the sweep ends and prints where it is.
 """
@@ -39,6 +43,7 @@ METRICS = {  # column: key of the last stage's final held-out evaluation
     "chosen log-prob": "logps/chosen",  # falling while the margin grows: the likelihood of the preferred answers displaced
 }
 GROUPED_AWAY = "seed"  # runs that differ only in this override are repeats of one setting
+ALIGNED_SAMPLES = Path("samples") / "align_heldout" / "samples.jsonl"  # a run's aligned answers (eval.after_training)
 
 
 @dataclass
@@ -52,6 +57,13 @@ class Run:
     metrics: dict[str, float] = field(default_factory=dict)
     wall_s: float | None = None
     curves: list[dict] = field(default_factory=list)
+    judge: str | None = None  # the judge of its evaluation after training
+    published: dict = field(default_factory=dict)  # its paper's published numbers (config `paper.published`)
+
+    @property
+    def row(self) -> str | None:
+        """The preset row it ran (`row/<table>=<name>`: the names the paper's head-to-heads use)."""
+        return next((o.split("=", 1)[1] for o in self.overrides if o.lstrip("+").startswith("row/")), None)
 
     @property
     def setting(self) -> tuple[str, ...]:
@@ -78,10 +90,14 @@ def read_run(folder: Path) -> Run:
     state = json.loads(state_file.read_text()) if state_file.exists() else {"state": "failed"}
     run = Run(folder, [str(o) for o in overrides], state["state"])
     if config_file.exists():
-        run.seed = OmegaConf.load(config_file).get("seed")
+        config = OmegaConf.load(config_file)
+        run.seed = config.get("seed")
+        run.published = OmegaConf.to_container(OmegaConf.select(config, "paper.published", default=None) or OmegaConf.create({}))
     summary_file = folder / "summary.json"
     if run.state == "finished" and summary_file.exists():
-        run.metrics = run_metrics(json.loads(summary_file.read_text()))
+        summary = json.loads(summary_file.read_text())
+        run.metrics = run_metrics(summary)
+        run.judge = next((judged.get("judge") for judged in summary.get("judged", {}).values()), None)
         finished = time.mktime(time.strptime(state["updated"], "%Y-%m-%dT%H:%M:%S"))
         run.wall_s = finished - config_file.stat().st_mtime if config_file.exists() else None
     metrics_file = folder / "metrics.jsonl"
@@ -216,8 +232,9 @@ def setting_cell(group: Group, metric: str) -> str:
     return f"{group.mean(metric):.4f} ± {group.std(metric):.4f} ({len(values)}){interval}"
 
 
-def markdown(runs: Sequence[Run], groups: Sequence[Group]) -> str:
-    """The per-setting table (mean ± sd (n) [95 % interval]), the per-run table and the runs that did not finish."""
+def markdown(runs: Sequence[Run], groups: Sequence[Group], versus: Sequence[HeadToHead] = ()) -> str:
+    """The per-setting table (mean ± sd (n) [95 % interval]), the head-to-heads, the per-run table
+    and the runs that did not finish."""
     names, keys, common = metric_names(runs), swept_keys(runs), common_overrides(runs)
     lines = [f"Overrides of every run: {' '.join(common) or '(none)'}", ""] if common and keys else []
     lines += ["| setting | runs finished | " + " | ".join(names) + " | wall time |", "|---|---:|" + "---:|" * (len(names) + 1)]
@@ -227,6 +244,8 @@ def markdown(runs: Sequence[Run], groups: Sequence[Group]) -> str:
         shown = label(group.setting, keys if keys else None)
         lines.append(f"| {shown} | {len(group.finished)} / {len(group.runs)} | " + " | ".join(cells)
                      + f" | {wall(statistics.fmean(walls) if walls else None)} |")
+    if versus:
+        lines += head_to_head_markdown(versus)
     lines += ["", "| run | seed | state | " + " | ".join(names) + " | wall time |", "|---|---:|---|" + "---:|" * (len(names) + 1)]
     for run in runs:
         cells = [f"{run.metrics[n]:.4f}" if n in run.metrics else "-" for n in names]
@@ -239,6 +258,87 @@ def markdown(runs: Sequence[Run], groups: Sequence[Group]) -> str:
     return "\n".join(lines) + "\n"
 
 
+@dataclass
+class HeadToHead:
+    """Row `a`'s aligned answers against row `b`'s, seed by seed, and the verdicts pooled."""
+
+    a: str
+    b: str
+    per_seed: dict[int, dict]  # seed -> eval.judge's summary (counts, rates, intervals)
+    pooled: dict
+    published: dict[str, list[float]]  # benchmark -> [win, tie, lose] %
+
+
+def published_pairs(runs: Sequence[Run]) -> dict[tuple[str, str], dict[str, list[float]]]:
+    """The paper's "A vs B" comparisons: (A, B) -> benchmark -> published [win, tie, lose] %."""
+    pairs: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for run in runs:
+        for benchmark, entries in run.published.items():
+            for name, numbers in (entries.items() if isinstance(entries, dict) else ()):
+                if " vs " in name:
+                    a, b = name.split(" vs ", 1)
+                    pairs.setdefault((a, b), {})[benchmark] = numbers
+    return pairs
+
+
+def head_to_heads(runs: Sequence[Run]) -> list[HeadToHead]:
+    """The paper's head-to-heads between rows of these runs, with the `rules` judge (the runs' own:
+    it is exact and offline; a model judge is asked with `python -m eval.judge`). A pair is judged
+    on the seeds where both rows finished; judgements stay in the row A run's samples folder, so
+    a rebuilt table asks nothing again."""
+    from eval.judge import default_output, judge_files
+    from eval.judges import RulesJudge
+    from eval.stats import summarize
+
+    judged = {(run.row, run.seed): run for run in runs if run.state == "finished" and run.row and run.judge == "rules"}
+    judge, results = RulesJudge(), []
+    for (a, b), published in published_pairs(runs).items():
+        per_seed = {}
+        for seed in sorted(seed for row, seed in judged if row == a and (b, seed) in judged):
+            mine, theirs = (judged[row, seed].folder / ALIGNED_SAMPLES for row in (a, b))
+            per_seed[seed] = judge_files(mine, theirs, judge, default_output(mine, str(theirs), judge))
+        if per_seed:
+            verdicts = [verdict for summary in per_seed.values()
+                        for verdict, key in (("A", "wins"), ("tie", "ties"), ("B", "losses"), ("none", "no_verdict"))
+                        for _ in range(summary[key])]
+            results.append(HeadToHead(a, b, per_seed, summarize(verdicts), published))
+    return results
+
+
+def percent(rate: dict) -> str:
+    low, high = rate["ci95"]
+    return f"{100 * rate['rate']:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def head_to_head_markdown(results: Sequence[HeadToHead]) -> list[str]:
+    benchmarks = list(dict.fromkeys(benchmark for result in results for benchmark in result.published))
+    lines = ["", "Head to head (rules judge: each seed's aligned answers to the held-out prompts against the same seed's "
+             "other row, pooled over seeds; % [95 % Wilson interval]; published: win / tie / lose %):", "",
+             "| A vs B | seeds | comparisons | win | tie | lose | per seed (win-tie-lose) | "
+             + " | ".join(f"published {b}" for b in benchmarks) + " |",
+             "|---|---:|---:|---:|---:|---:|---|" + "---:|" * len(benchmarks)]
+    for result in results:
+        seeds = ", ".join(f"{seed}: {s['wins']}-{s['ties']}-{s['losses']}" for seed, s in result.per_seed.items())
+        published = [" / ".join(f"{n:g}" for n in result.published[b]) if b in result.published else "-" for b in benchmarks]
+        lines.append(f"| {result.a} vs {result.b} | {len(result.per_seed)} | {result.pooled['comparisons']} | "
+                     f"{percent(result.pooled['win_rate'])} | {percent(result.pooled['tie_rate'])} | "
+                     f"{percent(result.pooled['lose_rate'])} | {seeds} | " + " | ".join(published) + " |")
+    return lines
+
+
+def write_head_to_heads(results: Sequence[HeadToHead], out: Path) -> None:
+    benchmarks = list(dict.fromkeys(benchmark for result in results for benchmark in result.published))
+    rates = [f"{kind} {part}" for kind in ("win", "tie", "lose") for part in ("rate", "ci95 low", "ci95 high")]
+    rows = []
+    for result in results:
+        cells = [value for kind in ("win", "tie", "lose") for value in (result.pooled[f"{kind}_rate"]["rate"],
+                                                                         *result.pooled[f"{kind}_rate"]["ci95"])]
+        seeds = " ".join(f"{seed}:{s['wins']}-{s['ties']}-{s['losses']}" for seed, s in result.per_seed.items())
+        published = [" / ".join(map(str, result.published.get(b, []))) for b in benchmarks]
+        rows.append([f"{result.a} vs {result.b}", len(result.per_seed), result.pooled["comparisons"], *cells, seeds, *published])
+    write_csv(out / "head_to_head.csv", ["pair", "seeds", "comparisons", *rates, "per seed", *(f"published {b}" for b in benchmarks)], rows)
+
+
 def write_csv(path: Path, header: list[str], rows: Iterable[list]) -> None:
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -246,7 +346,7 @@ def write_csv(path: Path, header: list[str], rows: Iterable[list]) -> None:
         writer.writerows(rows)
 
 
-def write_tables(runs: Sequence[Run], groups: Sequence[Group], out: Path) -> None:
+def write_tables(runs: Sequence[Run], groups: Sequence[Group], out: Path, versus: Sequence[HeadToHead] = ()) -> None:
     names = metric_names(runs)
     write_csv(out / "runs.csv", ["run", "overrides", "seed", "state", *names, "wall_s"],
               ([str(run.folder or ""), " ".join(run.overrides), run.seed, run.state, *(run.metrics.get(n, "") for n in names),
@@ -261,7 +361,9 @@ def write_tables(runs: Sequence[Run], groups: Sequence[Group], out: Path) -> Non
             cells += [min(values, default=""), max(values, default=""), len(values)]
         rows.append([label(group.setting), len(group.finished), len(group.runs), *cells])
     write_csv(out / "table.csv", ["setting", "runs_finished", "runs", *columns], rows)
-    (out / "table.md").write_text(markdown(runs, groups))
+    if versus:
+        write_head_to_heads(versus, out)
+    (out / "table.md").write_text(markdown(runs, groups, versus))
 
 
 def numeric(value: str) -> float | None:
@@ -370,7 +472,7 @@ def build_table(paths: Sequence[Path], out: Path | None = None) -> Path:
     out = Path(out or (paths[0] if len(paths) == 1 and is_sweep(Path(paths[0])) else "."))
     out.mkdir(parents=True, exist_ok=True)
     groups = group_runs(runs)
-    write_tables(runs, groups, out)
+    write_tables(runs, groups, out, head_to_heads(runs))
     plot_against_keys(runs, groups, out)
     plot_curves(runs, out)
     return out / "table.md"

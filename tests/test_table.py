@@ -140,3 +140,55 @@ def test_the_command_line_prints_the_table_and_refuses_a_missing_folder(sweep, t
     assert "| loss.tau=0.25 | 3 / 3 |" in result.stdout and "table.csv" in result.stdout
     result = subprocess.run([*command, str(tmp_path / "nowhere")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "nowhere: no such run or sweep folder" in result.stderr
+
+
+PUBLISHED = {"mt_bench": {"sr_dpo vs dpo": [45.62, 33.76, 20.62], "sr_ipo vs ipo": [38.75, 25.0, 26.25]}}
+QUESTIONS = [f"What is {i} plus 10?" for i in range(4)]
+CORRECT = {("sr_dpo", 1): {0, 1, 2, 3}, ("dpo", 1): {0, 1}, ("sr_dpo", 2): {0}, ("dpo", 2): {0, 1, 2}}  # prompts answered right
+
+
+def write_row_job(sweep: Path, number: int, row: str, seed: int, judge: str = "rules") -> Path:
+    """A finished job of a preset row, judged after training, with its aligned answers to QUESTIONS."""
+    folder = sweep / f"{number}_{row}"
+    (folder / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create([f"row/sr={row}", f"seed={seed}"]), folder / ".hydra" / "overrides.yaml")
+    OmegaConf.save(OmegaConf.create({"seed": seed, "paper": {"preset": "sr", "published": PUBLISHED}}), folder / "config.yaml")
+    samples = folder / "samples" / "align_heldout" / "samples.jsonl"
+    samples.parent.mkdir(parents=True)
+    answers = [f"It is {i + 10 if i in CORRECT[row, seed] else i + 11}." for i in range(len(QUESTIONS))]
+    samples.write_text("".join(json.dumps({"id": f"demo-{i}", "prompt": [{"role": "user", "content": question}],
+                                           "response": answer, "chosen": f"It is {i + 10}."}) + "\n"
+                               for i, (question, answer) in enumerate(zip(QUESTIONS, answers, strict=True))))
+    summary = {"stages": {"align": {"final_eval": {"rewards/accuracy": 0.5}}},
+               "judged": {"align vs chosen": {"judge": judge, "win_rate": {"rate": 0.0}}}}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    (folder / "state.json").write_text(json.dumps({"state": "finished", "updated": "2026-12-03T10:00:00"}))
+    return folder
+
+
+def test_rows_the_paper_compares_are_judged_head_to_head_seed_by_seed(tmp_path):
+    """Sr's tables are "Sr-DPO vs DPO" win / tie / lose: the rules judge compares each seed's two
+    rows prompt by prompt, the counts are pooled over seeds, the published numbers stand beside;
+    a pair whose rows did not run (sr_ipo vs ipo) is no row."""
+    sweep = tmp_path / "sweep"
+    for number, (row, seed) in enumerate(CORRECT):
+        write_row_job(sweep, number, row, seed)
+    table = build_table([sweep]).read_text()
+    (pair,) = rows(sweep / "head_to_head.csv")
+    # seed 1: sr_dpo right on 2 and 3 where dpo is wrong (2 wins), both right on 0 and 1; seed 2: dpo right on 1 and 2 (2 losses)
+    assert (pair["pair"], pair["seeds"], pair["comparisons"], pair["per seed"]) == ("sr_dpo vs dpo", "2", "8", "1:2-2-0 2:0-2-2")
+    assert (float(pair["win rate"]), float(pair["tie rate"]), float(pair["lose rate"])) == (0.25, 0.5, 0.25)
+    assert pair["published mt_bench"] == "45.62 / 33.76 / 20.62"
+    wilson = {2: "25.0 [7.1, 59.1]", 4: "50.0 [21.5, 78.5]"}  # of k in 8, by hand: (p + z²/2n ± z sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n)
+    assert f"| sr_dpo vs dpo | 2 | 8 | {wilson[2]} | {wilson[4]} | {wilson[2]} | 1: 2-2-0, 2: 0-2-2 | 45.62 / 33.76 / 20.62 |" in table
+    judged = list((sweep / "0_sr_dpo" / "samples").rglob("judged_rules_vs_*/judgements.jsonl"))
+    assert len(judged) == 1 and len(judged[0].read_text().splitlines()) == 4  # kept beside row A's answers
+
+
+def test_head_to_heads_need_the_rules_judge_the_runs_were_judged_by(tmp_path):
+    """Runs judged by a model judge (an API) are not judged again by the table: no head-to-head."""
+    sweep = tmp_path / "sweep"
+    for number, (row, seed) in enumerate(CORRECT):
+        write_row_job(sweep, number, row, seed, judge="openai")
+    assert "Head to head" not in build_table([sweep]).read_text()
+    assert not (sweep / "head_to_head.csv").exists()
