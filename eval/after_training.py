@@ -56,6 +56,11 @@ def run_judge(cfg: DictConfig, mode: str):
                                         "openai": judge.openai, "hf": judge.hf, "cache_dir": cfg.cache_dir}))
 
 
+def heldout_samples_folder(run_dir: Path, stage: str) -> Path:
+    """Where a run's `stage` model's answers to the held-out prompts are written (eval.table's head-to-heads read them)."""
+    return run_dir / "samples" / f"{stage}_heldout"
+
+
 def evaluate_run(cfg: DictConfig, run_dir: Path, stages: list[str]) -> dict | None:
     """Sample the held-out prompts from each stage's final model and judge them; None when off."""
     mode = judge_mode(cfg)
@@ -71,7 +76,7 @@ def evaluate_run(cfg: DictConfig, run_dir: Path, stages: list[str]) -> dict | No
         meta = {"checkpoint": str(final), "model": None, "prompt_set": "heldout", "prompts_path": None, "run": str(run_dir)}
         print(f"Sampling {len(prompts)} held-out prompts from the {stage} model")
         samples[stage] = sample(prompts, hf_generator(model, tokenizer), settings,
-                                run_dir / "samples" / f"{stage}_heldout", meta)
+                                heldout_samples_folder(run_dir, stage), meta)
         del model
     matches = [(stage, "chosen") for stage in reversed(stages)]
     if "sft" in stages and "align" in stages:

@@ -43,7 +43,6 @@ METRICS = {  # column: key of the last stage's final held-out evaluation
     "chosen log-prob": "logps/chosen",  # falling while the margin grows: the likelihood of the preferred answers displaced
 }
 GROUPED_AWAY = "seed"  # runs that differ only in this override are repeats of one setting
-ALIGNED_SAMPLES = Path("samples") / "align_heldout" / "samples.jsonl"  # a run's aligned answers (eval.after_training)
 
 
 @dataclass
@@ -268,6 +267,16 @@ class HeadToHead:
     pooled: dict
     published: dict[str, list[float]]  # benchmark -> [win, tie, lose] %
 
+    @property
+    def seed_counts(self) -> dict[int, str]:
+        """seed -> its `wins-ties-losses`."""
+        return {seed: f"{s['wins']}-{s['ties']}-{s['losses']}" for seed, s in self.per_seed.items()}
+
+
+def benchmarks(results: Sequence[HeadToHead]) -> list[str]:
+    """The benchmarks any pair has published numbers for (a column each)."""
+    return list(dict.fromkeys(benchmark for result in results for benchmark in result.published))
+
 
 def published_pairs(runs: Sequence[Run]) -> dict[tuple[str, str], dict[str, list[float]]]:
     """The paper's "A vs B" comparisons: (A, B) -> benchmark -> published [win, tie, lose] %."""
@@ -286,8 +295,10 @@ def head_to_heads(runs: Sequence[Run]) -> list[HeadToHead]:
     it is exact and offline; a model judge is asked with `python -m eval.judge`). A pair is judged
     on the seeds where both rows finished; judgements stay in the row A run's samples folder, so
     a rebuilt table asks nothing again."""
+    from eval.after_training import heldout_samples_folder
     from eval.judge import default_output, judge_files
     from eval.judges import RulesJudge
+    from eval.sampling import SAMPLES
     from eval.stats import summarize
 
     judged = {(run.row, run.seed): run for run in runs if run.state == "finished" and run.row and run.judge == "rules"}
@@ -295,7 +306,7 @@ def head_to_heads(runs: Sequence[Run]) -> list[HeadToHead]:
     for (a, b), published in published_pairs(runs).items():
         per_seed = {}
         for seed in sorted(seed for row, seed in judged if row == a and (b, seed) in judged):
-            mine, theirs = (judged[row, seed].folder / ALIGNED_SAMPLES for row in (a, b))
+            mine, theirs = (heldout_samples_folder(judged[row, seed].folder, "align") / SAMPLES for row in (a, b))
             per_seed[seed] = judge_files(mine, theirs, judge, default_output(mine, str(theirs), judge))
         if per_seed:
             verdicts = [verdict for summary in per_seed.values()
@@ -311,15 +322,15 @@ def percent(rate: dict) -> str:
 
 
 def head_to_head_markdown(results: Sequence[HeadToHead]) -> list[str]:
-    benchmarks = list(dict.fromkeys(benchmark for result in results for benchmark in result.published))
+    columns = benchmarks(results)
     lines = ["", "Head to head (rules judge: each seed's aligned answers to the held-out prompts against the same seed's "
              "other row, pooled over seeds; % [95 % Wilson interval]; published: win / tie / lose %):", "",
              "| A vs B | seeds | comparisons | win | tie | lose | per seed (win-tie-lose) | "
-             + " | ".join(f"published {b}" for b in benchmarks) + " |",
-             "|---|---:|---:|---:|---:|---:|---|" + "---:|" * len(benchmarks)]
+             + " | ".join(f"published {b}" for b in columns) + " |",
+             "|---|---:|---:|---:|---:|---:|---|" + "---:|" * len(columns)]
     for result in results:
-        seeds = ", ".join(f"{seed}: {s['wins']}-{s['ties']}-{s['losses']}" for seed, s in result.per_seed.items())
-        published = [" / ".join(f"{n:g}" for n in result.published[b]) if b in result.published else "-" for b in benchmarks]
+        seeds = ", ".join(f"{seed}: {counts}" for seed, counts in result.seed_counts.items())
+        published = [" / ".join(f"{n:g}" for n in result.published[b]) if b in result.published else "-" for b in columns]
         lines.append(f"| {result.a} vs {result.b} | {len(result.per_seed)} | {result.pooled['comparisons']} | "
                      f"{percent(result.pooled['win_rate'])} | {percent(result.pooled['tie_rate'])} | "
                      f"{percent(result.pooled['lose_rate'])} | {seeds} | " + " | ".join(published) + " |")
@@ -327,16 +338,16 @@ def head_to_head_markdown(results: Sequence[HeadToHead]) -> list[str]:
 
 
 def write_head_to_heads(results: Sequence[HeadToHead], out: Path) -> None:
-    benchmarks = list(dict.fromkeys(benchmark for result in results for benchmark in result.published))
+    columns = benchmarks(results)
     rates = [f"{kind} {part}" for kind in ("win", "tie", "lose") for part in ("rate", "ci95 low", "ci95 high")]
     rows = []
     for result in results:
         cells = [value for kind in ("win", "tie", "lose") for value in (result.pooled[f"{kind}_rate"]["rate"],
                                                                          *result.pooled[f"{kind}_rate"]["ci95"])]
-        seeds = " ".join(f"{seed}:{s['wins']}-{s['ties']}-{s['losses']}" for seed, s in result.per_seed.items())
-        published = [" / ".join(map(str, result.published.get(b, []))) for b in benchmarks]
+        seeds = " ".join(f"{seed}:{counts}" for seed, counts in result.seed_counts.items())
+        published = [" / ".join(map(str, result.published.get(b, []))) for b in columns]
         rows.append([f"{result.a} vs {result.b}", len(result.per_seed), result.pooled["comparisons"], *cells, seeds, *published])
-    write_csv(out / "head_to_head.csv", ["pair", "seeds", "comparisons", *rates, "per seed", *(f"published {b}" for b in benchmarks)], rows)
+    write_csv(out / "head_to_head.csv", ["pair", "seeds", "comparisons", *rates, "per seed", *(f"published {b}" for b in columns)], rows)
 
 
 def write_csv(path: Path, header: list[str], rows: Iterable[list]) -> None:
