@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from eval.after_training import AFTER_TRAINING, AFTER_TRAINING_PROTOCOLS, demo_only
+from eval.after_training import AFTER_TRAINING, AFTER_TRAINING_PROTOCOLS, demo_only, judged_matches
 from eval.backends import missing_api_key
 from eval.sampling import check_generation
 from eval.table import METRICS
@@ -91,7 +91,7 @@ def check_evaluation(check: Checker) -> None:
             check.fail("eval.judge.openai.api_key_env", problem)
 
 
-JUDGED_MATCHES = ("align vs sft", "align vs chosen", "sft vs chosen")  # eval.after_training's comparisons
+JUDGED_MATCHES = [f"{evaluated} vs {baseline}" for evaluated, baseline in judged_matches(["sft", "align"])]
 
 
 def check_objective(check: Checker, mode: str | None) -> None:

@@ -61,6 +61,14 @@ def heldout_samples_folder(run_dir: Path, stage: str) -> Path:
     return run_dir / "samples" / f"{stage}_heldout"
 
 
+def judged_matches(stages: list[str]) -> list[tuple[str, str]]:
+    """The (evaluated, baseline) comparisons judged after a run of these stages: aligned vs SFT, then each vs chosen."""
+    matches = [(stage, "chosen") for stage in reversed(stages)]
+    if "sft" in stages and "align" in stages:
+        matches.insert(0, ("align", "sft"))
+    return matches
+
+
 def evaluate_run(cfg: DictConfig, run_dir: Path, stages: list[str]) -> dict | None:
     """Sample the held-out prompts from each stage's final model and judge them; None when off."""
     mode = judge_mode(cfg)
@@ -78,11 +86,8 @@ def evaluate_run(cfg: DictConfig, run_dir: Path, stages: list[str]) -> dict | No
         samples[stage] = sample(prompts, hf_generator(model, tokenizer), settings,
                                 heldout_samples_folder(run_dir, stage), meta)
         del model
-    matches = [(stage, "chosen") for stage in reversed(stages)]
-    if "sft" in stages and "align" in stages:
-        matches.insert(0, ("align", "sft"))
     judged = {}
-    for evaluated, baseline in matches:
+    for evaluated, baseline in judged_matches(stages):
         against = "chosen" if baseline == "chosen" else samples[baseline]
         summary = judge_files(samples[evaluated], against, judge, run_dir / "samples" / f"{evaluated}_vs_{baseline}")
         judged[f"{evaluated} vs {baseline}"] = summary
