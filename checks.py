@@ -56,7 +56,9 @@ def check_config(cfg: DictConfig) -> LossSpec:
         check.whole(f"{stage}.epochs")
         check.whole(f"{stage}.max_examples", optional=True)
         check.whole(f"{stage}.batch_size", optional=True)
-    for key in ("sft.enabled", "sft.reuse", "train.skip_nonfinite", "train.packing", "reference.precompute", "wandb.enabled", "debug"):
+    flags = ("sft.enabled", "sft.reuse", "train.skip_nonfinite", "train.packing", "train.activation_checkpointing", "reference.precompute",
+             "wandb.enabled", "debug")
+    for key in flags:
         check.flag(key)
     if cfg.trainer == "fsdp":
         check.choice("fsdp.mixed_precision", MIXED_PRECISION)

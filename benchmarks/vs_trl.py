@@ -1,6 +1,7 @@
 """This project's training step against TRL's DPOTrainer on the same work, side by side in one invocation.
 
     python benchmarks/vs_trl.py [--pairs 4] [--steps 4] [--warmup 2] [--repeats 2] [--max-length 256]
+    python benchmarks/vs_trl.py --setting "prefopt, reference precomputed" --setting "TRL, reference precomputed"  # some
 
 Both sides train SmolLM2-135M-Instruct in fp32 on 2 threads with RMSprop, beta 0.1 and a constant
 learning rate, on the same HH pairs (helpful-base of ../shared/data/hh-rlhf) in the same order,
@@ -37,7 +38,7 @@ from benchmarks.memory import PeakSampler  # noqa: E402
 
 HH = ROOT.parent / "shared" / "data" / "hh-rlhf"
 LR, BETA, MAX_GRAD_NORM = 1e-6, 0.1, 10.0
-SETTINGS = {  # name: (side, its setting: reference:heap for TRL; loss:reference:dtype:packing:heap for this project)
+SETTINGS = {  # name: (side, its setting: reference:heap for TRL; loss:reference:dtype:packing:heap[:checkpointing] for this project)
     "prefopt, reference precomputed": ("prefopt", "dpo:precomputed:float32:true:heap"),
     "TRL, reference precomputed": ("trl", "precomputed:default"),
     "prefopt, reference live": ("prefopt", "dpo:live:float32:true:heap"),
@@ -46,6 +47,7 @@ SETTINGS = {  # name: (side, its setting: reference:heap for TRL; loss:reference
     "prefopt padded (train.packing=false), precomputed": ("prefopt", "dpo:precomputed:float32:false:heap"),
     "prefopt, glibc's default malloc (mmap over 32 MB), precomputed": ("prefopt", "dpo:precomputed:float32:true:default"),
     "prefopt bf16 (model.dtype=bfloat16), precomputed": ("prefopt", "dpo:precomputed:bfloat16:true:heap"),
+    "prefopt, activation checkpointing, precomputed": ("prefopt", "dpo:precomputed:float32:true:heap:true"),
 }
 RATIOS = [
     ("prefopt, reference precomputed", "TRL, reference precomputed"),
@@ -54,12 +56,15 @@ RATIOS = [
     ("prefopt, reference precomputed", "prefopt padded (train.packing=false), precomputed"),
     ("prefopt, reference precomputed", "prefopt, glibc's default malloc (mmap over 32 MB), precomputed"),
     ("prefopt bf16 (model.dtype=bfloat16), precomputed", "prefopt, reference precomputed"),
+    ("prefopt, activation checkpointing, precomputed", "TRL, reference precomputed"),
+    ("prefopt, activation checkpointing, precomputed", "prefopt, reference precomputed"),
 ]
 LOSSES = ["dpo", "rpo", "sr_dpo", "kto"]
 CACHE = "VS_TRL_CACHE"  # one cache_dir for the invocation: the packaged model is converted once, before any timing
 
 
-def project_config(args: argparse.Namespace, loss: str, reference: str, dtype: str = "float32", packing: str = "true"):
+def project_config(args: argparse.Namespace, loss: str, reference: str, dtype: str = "float32", packing: str = "true",
+                   checkpointing: str = "false"):
     from hydra import compose, initialize_config_dir
 
     batch = args.pairs * (2 if loss == "kto" else 1)  # KTO: a pair's two responses are two items
@@ -72,6 +77,7 @@ def project_config(args: argparse.Namespace, loss: str, reference: str, dtype: s
         "train.max_eval_examples=8", f"loss.beta={BETA}", f"cache_dir={os.environ.get(CACHE) or tempfile.mkdtemp()}",
         f"model.dtype={dtype}",
         f"train.packing={packing}",
+        f"train.activation_checkpointing={checkpointing}",
     ]
     with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
         return compose("config", overrides=overrides)
@@ -165,7 +171,8 @@ def allocator(setting: str) -> None:
         basic.keep_large_blocks_in_heap = lambda: None
 
 
-def project_trainer(args: argparse.Namespace, loss: str, reference: str, dtype: str = "float32", packing: str = "true"):
+def project_trainer(args: argparse.Namespace, loss: str, reference: str, dtype: str = "float32", packing: str = "true",
+                    checkpointing: str = "false"):
     """This project's BasicTrainer on the benchmark's pairs, built by train.py's own functions."""
     import torch
 
@@ -174,7 +181,7 @@ def project_trainer(args: argparse.Namespace, loss: str, reference: str, dtype: 
     from trainers.basic import BasicTrainer, MetricsLog
 
     torch.set_num_threads(2)
-    cfg = project_config(args, loss, reference, dtype, packing)
+    cfg = project_config(args, loss, reference, dtype, packing, checkpointing)
     tokenizer = train.load_tokenizer(cfg)
     examples = train.prepare_examples(cfg, load_datasets(cfg.datasets))
     data = train.tokenize_examples(cfg, tokenizer, examples)
@@ -183,9 +190,10 @@ def project_trainer(args: argparse.Namespace, loss: str, reference: str, dtype: 
                         train.contrast_embeddings(cfg, examples))
 
 
-def run_prefopt(args: argparse.Namespace, loss: str, reference: str, dtype: str, packing: str, heap: str = "heap") -> dict:
+def run_prefopt(args: argparse.Namespace, loss: str, reference: str, dtype: str, packing: str, heap: str = "heap",
+                checkpointing: str = "false") -> dict:
     allocator(heap)
-    trainer = project_trainer(args, loss, reference, dtype, packing)
+    trainer = project_trainer(args, loss, reference, dtype, packing, checkpointing)
     per_step = args.pairs * (2 if loss == "kto" else 1)  # KTO: a pair's two responses are two items
     batches = [list(range(k * per_step, (k + 1) * per_step)) for k in range(args.warmup + args.steps)]
     records = []
@@ -292,8 +300,9 @@ def markdown_row(cells: list) -> str:
 
 
 def compare_with_trl(args: argparse.Namespace, common: list[str]) -> list[str]:
-    """The settings, alternated `args.repeats` times, and the matmul peaks between them; the table
-    and the ratios, as markdown lines."""
+    """The settings (`--setting`, or all), alternated `args.repeats` times, and the matmul peaks
+    between them; the table and the ratios, as markdown lines."""
+    settings = {name: SETTINGS[name] for name in args.setting or SETTINGS}
     runs: dict[str, list[dict]] = {}
     peaks: dict[str, float] = {}
     for repeat in range(args.repeats):
@@ -301,7 +310,7 @@ def compare_with_trl(args: argparse.Namespace, common: list[str]) -> list[str]:
             peak = child("--one", "peak", dtype)
             if isinstance(peak, dict):
                 peaks[dtype] = max(peaks.get(dtype, 0.0), peak["gflops"])
-        for name, (side, what) in SETTINGS.items():
+        for name, (side, what) in settings.items():
             result = child(*common, "--one", side, what)
             if isinstance(result, str):
                 print(f"{name}: failed: {result}", flush=True)
@@ -382,6 +391,8 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--write", action="store_true", help="put the tables into docs/BENCHMARKS.md")
     parser.add_argument("--losses-only", action="store_true", help="only this project's losses against its DPO step")
+    parser.add_argument("--setting", action="append", choices=list(SETTINGS),
+                        help="only these settings against each other (repeatable), written to their own section")
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # side, its setting: one setting in this process
     args = parser.parse_args()
     if args.one:
@@ -404,6 +415,12 @@ def main() -> None:
     lines = [f"{args.pairs} pairs per step, max_length {args.max_length}, {args.steps} timed steps after {args.warmup} "
              f"untimed per process, {args.repeats} processes per setting, alternating.", ""]
     child(*common, "--one", "prepare", "-")
+    if args.setting:
+        lines += compare_with_trl(args, common)
+        print("\n".join(lines))
+        if args.write:
+            write_section(lines, "vs_trl.py selected settings")
+        return
     losses = [lines[0], "", "This project's losses on the same pairs (reference precomputed, fp32):", ""]
     losses += losses_against_dpo(args, common)
     if args.losses_only:

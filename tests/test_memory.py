@@ -225,3 +225,34 @@ def test_a_cpu_trainer_serves_large_tensors_from_the_heap(make_cfg, tmp_path):
     mapped = mallinfo2().hblkhd
     block = torch.empty(2**28)
     assert mallinfo2().hblkhd == mapped and block.numel() == 2**28
+
+
+def block_forwards(trainer: BasicTrainer, indices: list[int]) -> int:
+    """How many times the policy's transformer blocks run forward in one training step (counted at
+    their attention: Hugging Face checkpoints a block's `forward`, so its own hooks fire once)."""
+    calls = []
+    blocks = [m for m in trainer.policy.modules() if type(m).__name__ == trainer.cfg.model.block_name]
+    handles = [block.self_attn.register_forward_hook(lambda *unused: calls.append(1)) for block in blocks]
+    try:
+        trainer.train_step(indices)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return len(calls)
+
+
+def test_activation_checkpointing_recomputes_each_block_and_trains_the_same(make_cfg, tmp_path):
+    """`train.activation_checkpointing=true`: every block runs again in the backward pass (its
+    activations were not kept), with the forward's dropout draws: the step's update is the same."""
+    overrides = [DROPOUT, "loss=dpo", "train.micro_batch_size=4"]
+    plain = build(make_cfg(*overrides), tmp_path / "plain")
+    checkpointed = build(make_cfg(*overrides, "train.activation_checkpointing=true"), tmp_path / "checkpointed")
+    before = {name: parameter.detach().clone() for name, parameter in plain.policy.named_parameters()}
+    blocks = plain.cfg.model.random_init.num_hidden_layers
+    torch.manual_seed(0)
+    assert block_forwards(plain, [0, 1, 2, 3]) == blocks
+    torch.manual_seed(0)  # the same dropout draws
+    assert block_forwards(checkpointed, [0, 1, 2, 3]) == 2 * blocks
+    expected, found = dict(plain.policy.named_parameters()), dict(checkpointed.policy.named_parameters())
+    assert not all(torch.equal(before[name], expected[name]) for name in before)  # the step moved the weights
+    assert all(torch.allclose(expected[name], found[name], rtol=0, atol=1e-6) for name in expected)

@@ -32,6 +32,7 @@ from trainers.memory import (
     MemoryPlan,
     PeakMemory,
     allocation_limit,
+    enable_activation_checkpointing,
     fit_line,
     fitted_micro_batch,
     in_use,
@@ -300,6 +301,8 @@ class BasicTrainer:
         """The model as this trainer runs it: moved to the device; a trained one in float32 (master
         weights, cast to `compute_dtype` by autocast in each forward), a frozen one as it is."""
         trained = any(parameter.requires_grad for parameter in model.parameters())
+        if trained and self.cfg.train.activation_checkpointing:
+            enable_activation_checkpointing(model)
         return model.to(self.device, dtype=torch.float32) if trained else model.to(self.device)
 
     def planned_examples(self) -> int:
@@ -482,7 +485,7 @@ class BasicTrainer:
             f"{self.stage}: the smallest micro-batch ({len(indices)} of the longest examples: {shape}) does not fit in "
             f"train.memory_budget={self.cfg.train.memory_budget} ({budget / GB:.1f} GB on {self.device.type}): one step "
             f"needs {needs}, with the {self.cfg.train.optimizer} state. Lower max_length, use model.dtype=bfloat16, "
-            "trainer=fsdp (over more devices, with fsdp.activation_checkpointing=true), or give a larger budget"
+            "train.activation_checkpointing=true, trainer=fsdp (over more devices), or give a larger budget"
         )
 
     def shrink_after_out_of_memory(self, error: BaseException) -> bool:

@@ -36,6 +36,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_f
 from torch.distributed.tensor import DTensor
 
 from trainers.basic import BasicTrainer, cast_state_dict
+from trainers.memory import enable_activation_checkpointing
 from utils import ConfigError, gather_objects, is_main_process, packed_response_logps, rank, response_logps, world_size
 
 MIXED_PRECISION = ("auto", "bf16", "fp32")
@@ -81,7 +82,7 @@ class FSDPTrainer(BasicTrainer):
             raise ConfigError(f"model.block_name={name}: {type(model).__name__} has no such module (it has {', '.join(present)})")
         frozen = not any(parameter.requires_grad for parameter in model.parameters())
         if self.cfg.fsdp.activation_checkpointing and not frozen:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         mesh = init_device_mesh(self.device.type, (self.world_size,))
         for block in blocks:  # cast block by block: the host never holds a second full copy
             fully_shard(block.float(), mesh=mesh, mp_policy=precision)

@@ -158,6 +158,14 @@ def allocation_limit(device: torch.device, limit: int) -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
 
 
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Keep only each transformer block's input in the forward pass and recompute the block in the
+    backward (`train.activation_checkpointing`): the activations of a step shrink to one hidden
+    state per block and position, for about one more forward pass of compute. The recomputation
+    replays the forward's random state, so dropout draws and results are those without it."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
 def optimizer_state_bytes(optimizer: str, parameters: Iterable[torch.nn.Parameter]) -> int:
     """What the optimizer allocates at its first step for this process's (fp32) parameters."""
     local = (p.to_local() if hasattr(p, "to_local") else p for p in parameters if p.requires_grad)
