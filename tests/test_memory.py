@@ -88,12 +88,15 @@ def test_the_fitted_micro_batch_trains_like_the_same_explicit_one(make_cfg, tmp_
     assert all(torch.equal(auto[key], explicit[key]) for key in auto)
 
 
-def test_one_probe_when_the_whole_batch_clearly_fits(make_cfg, tmp_path, linear_probe):
-    """4 GB held and 0.75 GB added by one example: 7 examples need at most 9.25 GB."""
+def test_one_probe_when_the_whole_batch_clearly_fits(make_cfg, tmp_path, linear_probe, capsys):
+    """4 GB held and 0.75 GB added by one example: 7 examples need at most 9.25 GB (an upper bound,
+    said so: the step's fixed 0.5 GB is counted once per example)."""
     plan = build(make_cfg("loss=dpo", "train.batch_size=7", "train.memory_budget=9.3"), tmp_path).micro_batches()
     assert (plan.micro_batch, plan.accumulation_steps, linear_probe) == (7, 1, [1])
+    assert "estimated peak at most 9.2" in capsys.readouterr().out
     plan = build(make_cfg("loss=dpo", "train.batch_size=7", "train.memory_budget=9.2"), tmp_path / "tighter").micro_batches()
     assert linear_probe == [1, 1, 4] and plan.micro_batch == 7  # the line through both probes says it fits
+    assert "estimated peak 6.2" in capsys.readouterr().out  # 4 + 0.5 + 0.25 * 7: the line through both probes
 
 
 def test_a_second_probe_out_of_memory_gives_micro_batch_one(make_cfg, tmp_path, monkeypatch):

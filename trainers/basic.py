@@ -437,7 +437,7 @@ class BasicTrainer:
         set_rng_state(rng)
         if points[0][1] is None or points[0][1] + optimizer > budget:
             raise ConfigError(self.unfittable(examples[:unit], budget, points[0][1] and points[0][1] + optimizer))
-        if clearly_fits:
+        if clearly_fits:  # an upper bound: the one probe's fixed costs (gradients) are counted per example
             base, per_example, micro = held + optimizer, (points[0][1] - held) / unit, largest
         elif len(points) == 1:  # larger micro-batches ran out of memory
             base, per_example, micro = points[0][1] + optimizer, 0.0, min(unit, largest)
@@ -452,7 +452,7 @@ class BasicTrainer:
             print(
                 f"{self.stage}: micro-batch {plan.micro_batch} of {self.batch_key}={self.cfg.train.batch_size} "
                 f"({plan.accumulation_steps} accumulation steps{' per process' if self.world_size > 1 else ''}): "
-                f"estimated peak {plan.estimate_gb} GB of a {plan.budget_gb} GB budget "
+                f"estimated peak {'at most ' if clearly_fits else ''}{plan.estimate_gb} GB of a {plan.budget_gb} GB budget "
                 f"({plan.base_gb} GB held + {plan.per_example_gb} GB per example; train.memory_budget={self.cfg.train.memory_budget})"
             )
         return plan
