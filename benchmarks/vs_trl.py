@@ -305,8 +305,9 @@ def compare_with_trl(args: argparse.Namespace, common: list[str]) -> list[str]:
     settings = {name: SETTINGS[name] for name in args.setting or SETTINGS}
     runs: dict[str, list[dict]] = {}
     peaks: dict[str, float] = {}
+    dtypes = sorted({"bfloat16" if "bfloat16" in what else "float32" for _, what in settings.values()}, reverse=True)
     for repeat in range(args.repeats):
-        for dtype in ("float32", "bfloat16"):
+        for dtype in dtypes:  # only those the settings compute in (bf16 matmuls without bf16 instructions take minutes)
             peak = child("--one", "peak", dtype)
             if isinstance(peak, dict):
                 peaks[dtype] = max(peaks.get(dtype, 0.0), peak["gflops"])
