@@ -2,6 +2,7 @@
 
     python benchmarks/vs_trl.py [--pairs 4] [--steps 4] [--warmup 2] [--repeats 2] [--max-length 256]
     python benchmarks/vs_trl.py --setting "prefopt, reference precomputed" --setting "TRL, reference precomputed"  # some
+    python benchmarks/vs_trl.py --override model.dtype=... ...  # any of this project's config keys, both sides
 
 Both sides train SmolLM2-135M-Instruct in fp32 on 2 threads with RMSprop, beta 0.1 and a constant
 learning rate, on the same HH pairs (helpful-base of ../shared/data/hh-rlhf) in the same order,
@@ -16,6 +17,12 @@ each) of the timed steps over their time, the same for both sides.
 The first step's DPO loss must agree (same batch, same weights). It then times this project's
 RPO, Sr-DPO and KTO steps against its DPO step (KTO per pair: each pair's two responses become two
 items), and shows where the time of one DPO step goes (torch profiler, by operator).
+
+On a machine with a GPU both sides train on it (TRL's `bf16=True` is its autocast over float32
+weights, as this project's `model.dtype=bfloat16`), every step ends in a device synchronisation,
+peak memory is the GPU's allocated peak, and the matmul peak is the GPU's. `--override` passes
+config keys to both sides (both load the policy through `train.load_policy`), for instance a
+random initialisation of the same architecture where the packaged weights are not at hand.
 """
 
 from __future__ import annotations
@@ -38,9 +45,13 @@ from benchmarks.memory import PeakSampler  # noqa: E402
 
 HH = ROOT.parent / "shared" / "data" / "hh-rlhf"
 LR, BETA, MAX_GRAD_NORM = 1e-6, 0.1, 10.0
-SETTINGS = {  # name: (side, its setting: reference:heap for TRL; loss:reference:dtype:packing:heap[:checkpointing] for this project)
+# TRL's settings run its DPOConfig defaults, gradient checkpointing (on by default there) included, except where
+# the name says otherwise: "prefopt, activation checkpointing" against "TRL" is the like-for-like pair.
+SETTINGS = {  # name: (side, setting: reference:heap[:dtype[:checkpointing]] for TRL, loss:reference:dtype:packing:heap[:checkpointing])
     "prefopt, reference precomputed": ("prefopt", "dpo:precomputed:float32:true:heap"),
     "TRL, reference precomputed": ("trl", "precomputed:default"),
+    "TRL bf16 (bf16=True), reference precomputed": ("trl", "precomputed:default:bfloat16"),
+    "TRL without gradient checkpointing, reference precomputed": ("trl", "precomputed:default:float32:false"),
     "prefopt, reference live": ("prefopt", "dpo:live:float32:true:heap"),
     "TRL, reference live": ("trl", "live:default"),
     "TRL, reference precomputed, large blocks in heap": ("trl", "precomputed:heap"),
@@ -56,7 +67,9 @@ RATIOS = [
     ("prefopt, reference precomputed", "prefopt padded (train.packing=false), precomputed"),
     ("prefopt, reference precomputed", "prefopt, glibc's default malloc (mmap over 32 MB), precomputed"),
     ("prefopt bf16 (model.dtype=bfloat16), precomputed", "prefopt, reference precomputed"),
+    ("prefopt bf16 (model.dtype=bfloat16), precomputed", "TRL bf16 (bf16=True), reference precomputed"),
     ("prefopt, activation checkpointing, precomputed", "TRL, reference precomputed"),
+    ("prefopt, reference precomputed", "TRL without gradient checkpointing, reference precomputed"),
     ("prefopt, activation checkpointing, precomputed", "prefopt, reference precomputed"),
 ]
 LOSSES = ["dpo", "rpo", "sr_dpo", "kto"]
@@ -79,6 +92,8 @@ def project_config(args: argparse.Namespace, loss: str, reference: str, dtype: s
         f"train.packing={packing}",
         f"train.activation_checkpointing={checkpointing}",
     ]
+    overridden = {override.split("=")[0].lstrip("+") for override in args.override}
+    overrides = [o for o in overrides if o.split("=")[0] not in overridden] + args.override
     with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
         return compose("config", overrides=overrides)
 
@@ -108,6 +123,39 @@ def minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+def on_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def synchronize() -> None:
+    """Wait for the GPU's queued work, so that a step's time is its own (nothing on the CPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class PeakMemory(PeakSampler):
+    """The peak of the block: resident memory on the CPU, the GPU's allocated memory on CUDA."""
+
+    def __enter__(self) -> PeakMemory:
+        if on_cuda():
+            import torch
+
+            synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        return super().__enter__()
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        if on_cuda():
+            import torch
+
+            self.peak = torch.cuda.max_memory_allocated() / 2**30
+
+
 def timed_steps(args: argparse.Namespace, step, batches: list) -> dict:
     """Run `step(batch)` on every batch: the first `args.warmup` (at least 1) untimed, then timed
     with the peak RSS and the page faults of each step."""
@@ -115,10 +163,12 @@ def timed_steps(args: argparse.Namespace, step, batches: list) -> dict:
     for batch in batches[1 : args.warmup]:
         step(batch)
     times, faults = [], []
-    with PeakSampler() as sampler:
+    with PeakMemory() as sampler:
         for batch in batches[max(1, args.warmup) :]:
+            synchronize()
             started, faulted = time.perf_counter(), minor_faults()
             step(batch)
+            synchronize()
             times.append(time.perf_counter() - started)
             faults.append(minor_faults() - faulted)
     return {"times": times, "faults": faults, "peak_gb": round(sampler.peak, 2), "first": first}
@@ -142,19 +192,23 @@ def step_flops(model, pairs) -> float:
 
 
 def matmul_peak(dtype_name: str) -> dict:
-    """The best matmul rate of these cores in a dtype (GFLOP/s, 2 threads): the model's own shapes
-    (tokens x hidden x intermediate, both ways) and a large square one."""
+    """The best matmul rate of these cores (2 threads), or of the GPU, in a dtype (GFLOP/s): the
+    model's own shapes (tokens x hidden x intermediate, both ways) and a large square one."""
     import torch
 
     torch.set_num_threads(2)
+    device = "cuda" if on_cuda() else "cpu"
+    shapes = [(1152, 576, 1536), (1152, 1536, 576), (2048, 2048, 2048)] + [(8192, 8192, 8192)] * (device == "cuda")
     dtype, rates = getattr(torch, dtype_name), []
-    for m, k, n in [(1152, 576, 1536), (1152, 1536, 576), (2048, 2048, 2048)]:
-        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
         for _ in range(3):
             a @ b
+        synchronize()
         started, repeats = time.perf_counter(), 10
         for _ in range(repeats):
             a @ b
+        synchronize()
         rates.append(2 * m * k * n * repeats / (time.perf_counter() - started) / 1e9)
     return {"gflops": round(max(rates), 1), "rates": [round(rate, 1) for rate in rates]}
 
@@ -205,7 +259,7 @@ def run_prefopt(args: argparse.Namespace, loss: str, reference: str, dtype: str,
     return {**result, "tokens": pair_tokens(timed), "flops": flops}
 
 
-def run_trl(args: argparse.Namespace, reference: str, heap: str = "default") -> dict:
+def run_trl(args: argparse.Namespace, reference: str, heap: str = "default", dtype: str = "float32", checkpointing: str = "true") -> dict:
     import torch
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
@@ -235,16 +289,19 @@ def run_trl(args: argparse.Namespace, reference: str, heap: str = "default") -> 
             self.times, self.faults, self.started, self.faulted = [], [], 0.0, 0
 
         def on_step_begin(self, *unused, **unused_too):
+            synchronize()
             self.started, self.faulted = time.perf_counter(), minor_faults()
 
         def on_step_end(self, *unused, **unused_too):
+            synchronize()
             self.times.append(time.perf_counter() - self.started)
             self.faults.append(minor_faults() - self.faulted)
 
     config = DPOConfig(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.pairs, max_steps=args.warmup + args.steps,
         learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, optim="rmsprop", max_grad_norm=MAX_GRAD_NORM,
-        beta=BETA, max_length=None, precompute_ref_log_probs=reference == "precomputed", use_cpu=True, bf16=False,
+        beta=BETA, max_length=None, precompute_ref_log_probs=reference == "precomputed", use_cpu=not on_cuda(), bf16=dtype == "bfloat16",
+        gradient_checkpointing=checkpointing == "true",
         logging_steps=1, save_strategy="no", report_to=[], dataloader_num_workers=0, seed=0, disable_tqdm=True,
     )
     policy = train.load_policy(cfg, tokenizer)
@@ -252,7 +309,7 @@ def run_trl(args: argparse.Namespace, reference: str, heap: str = "default") -> 
     times = StepTimes()
     trainer = SameTokensDPOTrainer(model=policy, ref_model=reference_model, args=config, train_dataset=Dataset.from_list(rows),
                                    processing_class=tokenizer, callbacks=[times])
-    with PeakSampler() as sampler:
+    with PeakMemory() as sampler:
         trainer.train()
     first = next(entry for entry in trainer.state.log_history if "loss" in entry)
     return {"times": times.times[max(1, args.warmup) :], "faults": times.faults[max(1, args.warmup) :], "peak_gb": round(sampler.peak, 2),
@@ -261,7 +318,8 @@ def run_trl(args: argparse.Namespace, reference: str, heap: str = "default") -> 
 
 def profile_step(args: argparse.Namespace, dtype: str) -> dict:
     """Where one steady-state DPO step's time goes in a dtype: self CPU time by operator (torch
-    profiler), top entries, and the step's page faults.
+    profiler), top entries, and the step's page faults; on CUDA also the GPU's time by operator and
+    its total against the step's wall time (a GPU busy for a small part of the step waits on Python).
 
     The profiler's own records would otherwise move the step's tensors onto fresh pages, and page
     faults would show as the time of whichever operator first touches them (`fill_`, `copy_`,
@@ -277,12 +335,21 @@ def profile_step(args: argparse.Namespace, dtype: str) -> dict:
     LIBC.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
     torch.ones(2**29)  # 2 GiB, freed at once and kept by the heap
     faulted = minor_faults()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+    activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * on_cuda()
+    synchronize()
+    started = time.perf_counter()
+    with torch.profiler.profile(activities=activities) as profiler:
         trainer.train_step(batches[-1])
+        synchronize()
+    wall = time.perf_counter() - started
     events = profiler.key_averages()
-    total = sum(event.self_cpu_time_total for event in events)
-    top = sorted(events, key=lambda event: -event.self_cpu_time_total)[:12]
-    return {"top": [(event.key, round(100 * event.self_cpu_time_total / total, 1)) for event in top], "faults": minor_faults() - faulted}
+    result = {"faults": minor_faults() - faulted}
+    for clock in ["cpu", "device"][: 1 + on_cuda()]:  # on CUDA also the GPU's own time by operator, and how busy it was
+        total = sum(getattr(event, f"self_{clock}_time_total") for event in events)
+        top = sorted(events, key=lambda event: -getattr(event, f"self_{clock}_time_total"))[:12]
+        result[f"top_{clock}"] = [(event.key, round(100 * getattr(event, f"self_{clock}_time_total") / total, 1)) for event in top]
+        result[f"{clock}_seconds"] = round(total / 1e6, 3)
+    return {**result, "top": result["top_cpu"], "wall_seconds": round(wall, 3)}
 
 
 def child(*arguments: str) -> dict | str:
@@ -290,9 +357,16 @@ def child(*arguments: str) -> dict | str:
     environment = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run([sys.executable, __file__, *arguments], capture_output=True, text=True, env=environment)
     if result.returncode != 0:
+        print(f"{' '.join(arguments[-2:])} failed; the end of its output:\n{result.stderr[-2000:]}", file=sys.stderr)
         errors = [line for line in result.stderr.splitlines() if "Error" in line.split(":")[0]]
         return (errors or ["killed (out of memory?)"])[-1]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def torch_device_name() -> str:
+    import torch
+
+    return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
 
 
 def markdown_row(cells: list) -> str:
@@ -320,7 +394,8 @@ def compare_with_trl(args: argparse.Namespace, common: list[str]) -> list[str]:
             print(f"repeat {repeat + 1}: {name}: {statistics.median(result['times']):.2f} s/step", flush=True)
     # every setting times the same batches: their model FLOPs over each process's time
     flops = next((result["flops"] for results in runs.values() for result in results if result.get("flops")), None)
-    header = ["setting", "s/step (median)", "spread", "tokens/s", "model FLOPs / matmul peak", "peak RSS", "page faults / step",
+    memory = "peak GPU memory" if on_cuda() else "peak RSS"
+    header = ["setting", "s/step (median)", "spread", "tokens/s", "model FLOPs / matmul peak", memory, "page faults / step",
               "first batch: loss / logps chosen / rejected"]
     lines = [markdown_row(header), "|---|" + "---:|" * (len(header) - 1)]
     rows = {}
@@ -337,14 +412,15 @@ def compare_with_trl(args: argparse.Namespace, common: list[str]) -> list[str]:
                                    utilisation, f"{row['peak_gb']:.2f} GB", f"{faults:.0f}", first]))
     lines.append("")
     if flops:
-        lines.append(f"- Model FLOPs of the timed steps: {flops / 1e9:.0f} GFLOP (`step_flops`); matmul peaks of these cores measured in "
+        where = "the GPU" if on_cuda() else "these cores"
+        lines.append(f"- Model FLOPs of the timed steps: {flops / 1e9:.0f} GFLOP (`step_flops`); matmul peaks of {where} measured in "
                      f"this run: " + ", ".join(f"{dtype} {gflops:.0f} GFLOP/s" for dtype, gflops in peaks.items()))
     for ours, theirs in RATIOS:
         if ours in rows and theirs in rows:
             ratio = rows[ours]["tokens_per_s"] / rows[theirs]["tokens_per_s"]
             difference = max(abs(a - b) for a, b in zip(rows[ours]["first"], rows[theirs]["first"], strict=True))
-            memory = rows[ours]["peak_gb"] / rows[theirs]["peak_gb"]
-            lines.append(f"- {ours} / {theirs}: tokens/s **x{ratio:.2f}**, peak RSS x{memory:.2f}; "
+            peak = rows[ours]["peak_gb"] / rows[theirs]["peak_gb"]
+            lines.append(f"- {ours} / {theirs}: tokens/s **x{ratio:.2f}**, {header[5]} x{peak:.2f}; "
                          f"first batch's values differ by {difference:.1e}")
     return lines
 
@@ -394,6 +470,8 @@ def main() -> None:
     parser.add_argument("--losses-only", action="store_true", help="only this project's losses against its DPO step")
     parser.add_argument("--setting", action="append", choices=list(SETTINGS),
                         help="only these settings against each other (repeatable), written to their own section")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config key of this project for both sides (repeatable), e.g. +model.random_init={...}")
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # side, its setting: one setting in this process
     args = parser.parse_args()
     if args.one:
@@ -413,8 +491,10 @@ def main() -> None:
         return
     os.environ.setdefault(CACHE, tempfile.mkdtemp())
     common = ["--pairs", str(args.pairs), "--steps", str(args.steps), "--warmup", str(args.warmup), "--max-length", str(args.max_length)]
+    common += [f"--override={override}" for override in args.override]
     lines = [f"{args.pairs} pairs per step, max_length {args.max_length}, {args.steps} timed steps after {args.warmup} "
-             f"untimed per process, {args.repeats} processes per setting, alternating.", ""]
+             f"untimed per process, {args.repeats} processes per setting, alternating"
+             + (f", on {torch_device_name()}" if on_cuda() else "") + "".join(f"; `{o}`" for o in args.override) + ".", ""]
     child(*common, "--one", "prepare", "-")
     if args.setting:
         lines += compare_with_trl(args, common)

@@ -197,6 +197,13 @@ class WeightedMeans:
         return {**means, **{key: totals[key] for key in counts}}
 
 
+def without_cudnn_attention() -> None:
+    """Take cuDNN out of SDPA's backends on CUDA (memory-efficient and flash attention remain).
+    Packed rows change width at nearly every step and carry the prompt-sharing mask; cuDNN builds an
+    execution plan for each new shape, and on an H200 that was 90 % of a step's CPU time, with 2.3x the
+    peak memory of TRL's step (docs/BENCHMARKS.md, GPU section)."""
+    torch.backends.cuda.enable_cudnn_sdp(False)
+
 class BasicTrainer:
     """Runs one stage: evaluation at the start, the training loop, checkpoints, the final model.
 
@@ -248,6 +255,8 @@ class BasicTrainer:
         self.device = self.launch(cfg)
         if self.device.type == "cpu":
             keep_large_blocks_in_heap()
+        else:
+            without_cudnn_attention()
         self.compute_dtype = self.compute_precision()
         self.packed = self.packing(policy)
         self.sampler = self.build_sampler()
