@@ -93,9 +93,10 @@ def test_one_probe_when_the_whole_batch_clearly_fits(make_cfg, tmp_path, linear_
     said so: the step's fixed 0.5 GB is counted once per example)."""
     plan = build(make_cfg("loss=dpo", "train.batch_size=7", "train.memory_budget=9.3"), tmp_path).micro_batches()
     assert (plan.micro_batch, plan.accumulation_steps, linear_probe) == (7, 1, [1])
+    assert plan.as_dict()["estimate_is_upper_bound"]  # result.json says so too, not only the log
     assert "estimated peak at most 9.2" in capsys.readouterr().out
     plan = build(make_cfg("loss=dpo", "train.batch_size=7", "train.memory_budget=9.2"), tmp_path / "tighter").micro_batches()
-    assert linear_probe == [1, 1, 4] and plan.micro_batch == 7  # the line through both probes says it fits
+    assert linear_probe == [1, 1, 4] and plan.micro_batch == 7 and not plan.estimate_is_upper_bound  # the line says it fits
     assert "estimated peak 6.2" in capsys.readouterr().out  # 4 + 0.5 + 0.25 * 7: the line through both probes
 
 

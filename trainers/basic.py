@@ -456,12 +456,12 @@ class BasicTrainer:
             micro = fitted_micro_batch(base, per_example, budget, largest)
         micro = min(gather_objects(micro))  # every process runs the same micro-batches
         plan = MemoryPlan(micro, self.accumulation_for(micro), round(budget / GB, 2), round((base + per_example * micro) / GB, 2),
-                          round(base / GB, 2), round(per_example / GB, 3))
+                          round(base / GB, 2), round(per_example / GB, 3), estimate_is_upper_bound=clearly_fits)
         if is_main_process():
             print(
                 f"{self.stage}: micro-batch {plan.micro_batch} of {self.batch_key}={self.cfg.train.batch_size} "
                 f"({plan.accumulation_steps} accumulation steps{' per process' if self.world_size > 1 else ''}): "
-                f"estimated peak {'at most ' if clearly_fits else ''}{plan.estimate_gb} GB of a {plan.budget_gb} GB budget "
+                f"estimated peak {'at most ' if plan.estimate_is_upper_bound else ''}{plan.estimate_gb} GB of a {plan.budget_gb} GB budget "
                 f"({plan.base_gb} GB held + {plan.per_example_gb} GB per example; train.memory_budget={self.cfg.train.memory_budget})"
             )
         return plan

@@ -183,6 +183,7 @@ class MemoryPlan:
     base_gb: float | None = None  # held before the step (model, data, caches), optimizer state included
     per_example_gb: float | None = None
     fixed_steps: bool = False  # train.gradient_accumulation_steps: every batch, a last partial one too, in that many
+    estimate_is_upper_bound: bool = False  # one probe showed the whole batch fits: its fixed costs counted per example
 
     def as_dict(self) -> dict:
         return asdict(self)
