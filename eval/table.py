@@ -43,6 +43,8 @@ METRICS = {  # column: key of the last stage's final held-out evaluation
     "chosen log-prob": "logps/chosen",  # falling while the margin grows: the likelihood of the preferred answers displaced
 }
 GROUPED_AWAY = "seed"  # runs that differ only in this override are repeats of one setting
+# where a run's files go, not what it computes: runs that differ only in these are the same setting
+OUTPUT_LOCATIONS = ("runs_root", "hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir")
 
 
 @dataclass
@@ -66,7 +68,7 @@ class Run:
 
     @property
     def setting(self) -> tuple[str, ...]:
-        return tuple(o for o in self.overrides if o.split("=", 1)[0].lstrip("+~") != GROUPED_AWAY)
+        return tuple(o for o in self.overrides if o.split("=", 1)[0].lstrip("+~") not in (GROUPED_AWAY, *OUTPUT_LOCATIONS))
 
 
 def run_metrics(summary: dict) -> dict[str, float]:

@@ -20,10 +20,11 @@ ACCURACY = {("0.25", 0): 0.5, ("0.25", 1): 0.75, ("0.25", 2): 1.0, ("0.5", 0): 0
 FAILED, MISSING = ("0.5", 1), ("0.5", 2)  # a job that failed mid-run, and one that left no folder (refused at start)
 
 
-def write_job(sweep: Path, number: int, tau: str, seed: int) -> None:
+def write_job(sweep: Path, number: int, tau: str, seed: int, extra: tuple[str, ...] = ()) -> None:
     folder = sweep / f"{number}_rpo_tiny"
     (folder / ".hydra").mkdir(parents=True)
-    OmegaConf.save(OmegaConf.create(["model=tiny", f"loss.tau={tau}", f"seed={seed}"]), folder / ".hydra" / "overrides.yaml")
+    overrides = ["model=tiny", f"loss.tau={tau}", f"seed={seed}", *extra]
+    OmegaConf.save(OmegaConf.create(overrides), folder / ".hydra" / "overrides.yaml")
     OmegaConf.save(OmegaConf.create({"seed": seed, "loss": {"tau": float(tau)}}), folder / "config.yaml")
     if (tau, seed) == FAILED:
         (folder / "state.json").write_text(json.dumps({"state": "failed", "updated": "2026-12-03T10:00:00"}))
@@ -131,6 +132,16 @@ def test_run_folders_without_a_sweep_make_a_table_where_asked(sweep, tmp_path):
     table = build_table(folders[:2], tmp_path / "out")
     assert table == tmp_path / "out" / "table.md"
     assert len(rows(tmp_path / "out" / "runs.csv")) == 2
+
+
+def test_runs_that_differ_only_in_where_they_were_written_are_one_setting(tmp_path):
+    """Seeds run as separate sweeps into separate runs_root folders (two machines, say) are repeats of
+    one setting: the output location is not part of what a run computes."""
+    for seed, root in enumerate(("/scratch/a", "/scratch/b", "/scratch/b")):
+        write_job(tmp_path / f"sweep{seed}", 0, "0.25", seed, (f"runs_root={root}", f"hydra.sweep.dir={root}/{seed}"))
+    build_table(sorted(tmp_path.glob("sweep*/0_rpo_tiny")), tmp_path / "out")
+    settings = rows(tmp_path / "out" / "table.csv")
+    assert [(row["setting"], row["reward accuracy n"]) for row in settings] == [("model=tiny loss.tau=0.25", "3")]
 
 
 def test_the_command_line_prints_the_table_and_refuses_a_missing_folder(sweep, tmp_path):
