@@ -13,7 +13,10 @@ times; the first `--warmup` steps of each process are not timed: the first build
 state, and the second still grows the heap (on a VM whose page faults cost ~4.5 ms/MB that is
 seconds of system time), so the timed steps are the steady state (their page faults are reported).
 Tokens/s counts the non-padding tokens of the chosen and rejected sequences (prompt + response
-each) of the timed steps over their time, the same for both sides.
+each) of the timed steps over their time, the same for both sides. TRL runs its `DPOConfig`
+defaults, and those include gradient checkpointing: the like-for-like pairs are this project's
+activation-checkpointing setting against "TRL", and its plain step against "TRL without gradient
+checkpointing".
 The first step's DPO loss must agree (same batch, same weights). It then times this project's
 RPO, Sr-DPO and KTO steps against its DPO step (KTO per pair: each pair's two responses become two
 items), and shows where the time of one DPO step goes (torch profiler, by operator).
