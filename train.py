@@ -189,11 +189,18 @@ def archive(cfg: DictConfig) -> Path | None:
 
 
 def load_tokenizer(cfg: DictConfig):
+    """The tokenizer of `model.archive`, else of `model.tokenizer_name_or_path` or `model.name_or_path`;
+    one that is found but does not load (a damaged file) is a ConfigError naming the key and folder."""
     model = cfg.model
     from transformers import AutoTokenizer  # imported when needed: a refused config never pays for it
 
+    key = "model.archive" if archive(cfg) else "model.tokenizer_name_or_path" if model.tokenizer_name_or_path else "model.name_or_path"
     source = archive(cfg) or resolve_model_path(model.tokenizer_name_or_path or model.name_or_path, cfg.cache_dir)
-    return AutoTokenizer.from_pretrained(source)
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        reason = (str(error).strip().splitlines() or [""])[0][:200]
+        raise ConfigError(f"{key}: the tokenizer in {source} does not load ({type(error).__name__}: {reason})") from error
 
 
 def load_policy(cfg: DictConfig, tokenizer) -> torch.nn.Module:
@@ -435,12 +442,12 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     examples = load_examples(cfg)  # data problems, still before any model loads
     run_dir = on_main_process(lambda: prepare_run_dir(cfg, output_dir))  # every process writes into rank 0's
     discard_stray_output(output_dir, run_dir)  # a resumed run's launch folder, another rank's clock
-    with main_process_first():  # rank 0 fills the cache (converted models) before the others read it
-        tokenizer = load_tokenizer(cfg)
-    data = tokenize_examples(cfg, tokenizer, examples)
-    embeddings = contrast_embeddings(cfg, examples)
-    reuse_key = sft_key(cfg, examples) if cfg.sft.get("reuse") and "sft" in stages(cfg) else None
-    try:
+    try:  # from here on the run folder says `running`: whatever ends the run must say how
+        with main_process_first():  # rank 0 fills the cache (converted models) before the others read it
+            tokenizer = load_tokenizer(cfg)
+        data = tokenize_examples(cfg, tokenizer, examples)
+        embeddings = contrast_embeddings(cfg, examples)
+        reuse_key = sft_key(cfg, examples) if cfg.sft.get("reuse") and "sft" in stages(cfg) else None
         return train_stages(cfg, trainer_type, run_dir, data, tokenizer, embeddings, reuse_key)
     except BaseException as error:
         if is_main_process():

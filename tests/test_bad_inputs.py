@@ -248,3 +248,19 @@ def test_a_non_finite_step_stops_the_run_naming_it(tmp_path, fresh_cache):
     assert "align step 2 (examples 4-7 of the stage)" in line and "the step was not applied" in line and "train.skip_nonfinite" in line
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     assert state["state"] == "failed" and "NonFiniteLoss" in state["message"]
+
+
+def test_a_damaged_tokenizer_is_named_and_the_run_says_failed(tmp_path):
+    """A tokenizer folder whose tokenizer.json is damaged fails where it loads, after the run folder
+    exists: one line naming the key and the folder (exit 2), and the run's state says failed (not
+    `running` forever, as a crash before the first stage left it)."""
+    tokenizer = tmp_path / "tokenizer"
+    tokenizer.mkdir()
+    (tokenizer / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    (tokenizer / "tokenizer.json").write_text('{"version": "1.0", "truncation": nu')
+    result = launch([*ALIGN_ONLY, f"model.tokenizer_name_or_path={tokenizer}", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: model.tokenizer_name_or_path: the tokenizer in {tokenizer} does not load"), line
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["state"] == "failed" and "does not load" in state["message"]
