@@ -1,7 +1,9 @@
 """Bad input through the real CLI, as a careless user gives it: each case is `python train.py ...`
-in a subprocess, refused with exit code 2 and one `error:` line per problem that names the key or
-the file (and line), before any model or tokenizer loads (the cache stays empty) and leaving no
-run folder behind. The cases run two at a time in a module fixture; each is then its own test."""
+in a process of its own, refused with exit code 2 and one `error:` line per problem that names the
+key or the file (and line), before any model or tokenizer loads (the cache stays empty) and leaving
+no run folder behind. The cases run two at a time in a module fixture, forked from one interpreter
+that has train.py's imports loaded (tests/forked_cli.py: 77 fresh interpreters were the suite's
+largest cost); each is then its own test. The tests after the corpus launch `python train.py` fresh."""
 
 from __future__ import annotations
 
@@ -10,14 +12,16 @@ import json
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from tests.forked_cli import run_all
+
 ROOT = Path(__file__).resolve().parents[1]
 KTO_DEMO = ROOT.parent / "shared" / "data" / "llama-factory-demo" / "kto_en_demo.json"
 
+OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1"}
 PAIR = {"prompt": "What is 2 plus 2?", "chosen": "4.", "rejected": "5."}
 
 
@@ -155,21 +159,29 @@ HYDRA_CASES: dict[str, tuple[list[str], str]] = {
 }
 
 
+def arguments_of(arguments: list[str], folder: Path) -> list[str]:
+    return ["model=tiny", f"runs_root={folder / 'runs'}", f"cache_dir={folder / 'cache'}", *arguments]
+
+
 def launch(arguments: list[str], folder: Path) -> subprocess.CompletedProcess:
-    command = [sys.executable, "train.py", "model=tiny", f"runs_root={folder / 'runs'}", f"cache_dir={folder / 'cache'}", *arguments]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return subprocess.run([sys.executable, "train.py", *arguments_of(arguments, folder)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=OFFLINE)
 
 
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """The corpus's refusals, forked from one warm interpreter (tests/forked_cli.py); Hydra's own
+    refusals of the command line as fresh `python train.py` launches."""
     folder = tmp_path_factory.mktemp("bad_inputs")
     files = write_files(folder / "files")
     jobs = {}
-    for number, (name, (arguments, file, _, _)) in enumerate({**CASES, **{k: (v[0], None, [], 0) for k, v in HYDRA_CASES.items()}}.items()):
-        case_folder = folder / f"case{number}"
-        jobs[name] = ([argument.replace("{path}", str(files[file])) if file else argument for argument in arguments], case_folder)
-    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-        results = dict(zip(jobs, pool.map(lambda job: launch(*job), jobs.values()), strict=True))
+    for number, (name, (arguments, file, _, _)) in enumerate(CASES.items()):
+        filled = [argument.replace("{path}", str(files[file])) if file else argument for argument in arguments]
+        jobs[name] = (filled, folder / f"case{number}")
+    results = dict(zip(jobs, run_all([arguments_of(*job) for job in jobs.values()], env=OFFLINE), strict=True))
+    for number, (name, (arguments, _)) in enumerate(HYDRA_CASES.items()):
+        jobs[name] = (arguments, folder / f"hydra{number}")
+        results[name] = launch(*jobs[name])
     return {name: (results[name], jobs[name][1]) for name in jobs}
 
 
