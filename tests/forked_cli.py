@@ -64,7 +64,10 @@ def _serve(commands: list[list[str]], parallel: int) -> list[tuple[int, str, str
                 output.mkdir()
                 pid = os.fork()
                 if pid == 0:
-                    _child(arguments, output)
+                    try:
+                        _child(arguments, output)
+                    finally:  # never back into this loop: a child that failed before running train.py still exits
+                        os._exit(1)
                 running[pid] = (index, output)
             pid, status = os.wait()
             index, output = running.pop(pid)
