@@ -95,9 +95,11 @@ def test_a_live_reference_trains_like_the_precomputed_one(make_cfg, tmp_path, lo
         torch.testing.assert_close(live_weights[key], cached_weights[key], rtol=1e-4, atol=1e-6)
 
 
-def test_sft_then_dpo_end_to_end(make_cfg, tmp_path):
+def test_sft_then_dpo_end_to_end(make_cfg, tmp_path, capsys):
     cfg = make_cfg("loss=dpo")
     summary = train.run(cfg, tmp_path / "run")
+    progress = capsys.readouterr().err
+    assert "sft: held-out evaluation" in progress and "align: held-out evaluation" in progress  # evaluations take minutes at scale
     final = tmp_path / "run" / "align" / "final"
     assert summary["final_model"] == str(final)
     model = AutoModelForCausalLM.from_pretrained(final)

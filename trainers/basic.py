@@ -987,7 +987,8 @@ class BasicTrainer:
         self.policy.eval()
         means = WeightedMeans()
         grouped = self.stage == "align" and self.loss.contrasts_across_examples
-        for indices, counted in self.assigned(self.eval_batches()):
+        batches = self.assigned(self.eval_batches())
+        for indices, counted in tqdm(batches, desc=f"{self.stage}: held-out evaluation", leave=False, disable=not is_main_process()):
             groups = None
             if grouped:  # contrast groups within each held-out batch, as in training
                 indices, groups = self.grouped_order(self.test_set, indices)
