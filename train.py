@@ -45,6 +45,7 @@ from trainers import trainer_class
 from trainers.basic import BasicTrainer, MetricsLog, NonFiniteLoss, Stopped
 from trainers.losses import LossSpec
 from utils import (
+    BOOKKEEPING_KEYS,
     EXIT_BAD_INPUT,
     ConfigError,
     ModelResolutionError,
@@ -70,10 +71,14 @@ EXIT_FAILED = 1  # a training failure (a non-finite loss): the last checkpoint i
 
 
 def comparable(cfg: DictConfig) -> dict:
-    """The resolved config without the keys that may differ between a run and its resumption."""
+    """The resolved config without `BOOKKEEPING_KEYS`: what a run and its resumption must share."""
     values = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("resume", "debug"):
-        values.pop(key, None)
+    for key in BOOKKEEPING_KEYS:
+        *sections, leaf = key.split(".")
+        section = values
+        for name in sections:
+            section = section.get(name) or {}
+        section.pop(leaf, None)
     return values
 
 
@@ -243,9 +248,9 @@ NOT_READ_BY_SFT = ("loss", "align", "eval", "run_name", "runs_root", "resume", "
 
 
 def sft_key(cfg: DictConfig, examples: dict[str, list[Example]]) -> str:
-    """What an SFT stage's result depends on: the config less `NOT_READ_BY_SFT` (and `sft.reuse`),
-    and the examples it trains on and evaluates."""
-    settings = {key: value for key, value in OmegaConf.to_container(cfg, resolve=True).items() if key not in NOT_READ_BY_SFT}
+    """What an SFT stage's result depends on: the `comparable` config less `NOT_READ_BY_SFT` (and
+    `sft.reuse`), and the examples it trains on and evaluates."""
+    settings = {key: value for key, value in comparable(cfg).items() if key not in NOT_READ_BY_SFT}
     settings["sft"] = {key: value for key, value in settings["sft"].items() if key != "reuse"}
     return text_fingerprint(settings, fingerprint(examples["train"]), fingerprint(examples["test"]))
 

@@ -35,6 +35,8 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from utils import BOOKKEEPING_KEYS
+
 METRICS = {  # column: key of the last stage's final held-out evaluation
     "loss": "loss",
     "reward accuracy": "rewards/accuracy",
@@ -68,7 +70,8 @@ class Run:
 
     @property
     def setting(self) -> tuple[str, ...]:
-        return tuple(o for o in self.overrides if o.split("=", 1)[0].lstrip("+~") not in (GROUPED_AWAY, *OUTPUT_LOCATIONS))
+        return tuple(o for o in self.overrides
+                     if o.split("=", 1)[0].lstrip("+~") not in (GROUPED_AWAY, *OUTPUT_LOCATIONS, *BOOKKEEPING_KEYS))
 
 
 def run_metrics(summary: dict) -> dict[str, float]:

@@ -135,10 +135,11 @@ def test_run_folders_without_a_sweep_make_a_table_where_asked(sweep, tmp_path):
 
 
 def test_runs_that_differ_only_in_where_they_were_written_are_one_setting(tmp_path):
-    """Seeds run as separate sweeps into separate runs_root folders (two machines, say) are repeats of
-    one setting: the output location is not part of what a run computes."""
+    """Seeds run as separate sweeps into separate runs_root folders (two machines, say), one of them
+    checkpointing more often, are repeats of one setting: neither is part of what a run computes."""
     for seed, root in enumerate(("/scratch/a", "/scratch/b", "/scratch/b")):
-        write_job(tmp_path / f"sweep{seed}", 0, "0.25", seed, (f"runs_root={root}", f"hydra.sweep.dir={root}/{seed}"))
+        saving = ("train.save_every=128",) if seed else ()
+        write_job(tmp_path / f"sweep{seed}", 0, "0.25", seed, (f"runs_root={root}", f"hydra.sweep.dir={root}/{seed}", *saving))
     build_table(sorted(tmp_path.glob("sweep*/0_rpo_tiny")), tmp_path / "out")
     settings = rows(tmp_path / "out" / "table.csv")
     assert [(row["setting"], row["reward accuracy n"]) for row in settings] == [("model=tiny loss.tau=0.25", "3")]
