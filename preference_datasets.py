@@ -911,6 +911,8 @@ def collate_items(items: Sequence[TokenizedResponse], indices: Sequence[int], pa
         **layout([item.response for item in items]),
         "mismatched": layout([item.mismatched for item in items]),
         "desirable": torch.tensor([item.desirable for item in items]),
+        # equal for items of one prompt, in any batch and process (a tuple of ints hashes the same everywhere)
+        "prompt_ids": torch.tensor([hash(tuple(item.prompt)) for item in items], dtype=torch.long),
         "index": torch.tensor(list(indices), dtype=torch.long),
     }
 

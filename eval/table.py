@@ -40,6 +40,9 @@ from utils import BOOKKEEPING_KEYS
 METRICS = {  # column: key of the last stage's final held-out evaluation
     "loss": "loss",
     "reward accuracy": "rewards/accuracy",
+    # unpaired runs: their reward accuracy is every chosen response against every rejected one; this is
+    # each prompt's own (on data made of pairs, the paired runs' reward accuracy)
+    "same-prompt reward accuracy": "rewards/accuracy_same_prompt",
     "margin": "rewards/margin",
     "preference accuracy": "logp_accuracy",
     "chosen log-prob": "logps/chosen",  # falling while the margin grows: the likelihood of the preferred answers displaced

@@ -140,6 +140,9 @@ def test_unpaired_loop_rows_get_their_own_prompt_embeddings(make_cfg, tmp_path, 
     trainer = perturbed(build(cfg, tmp_path))
     items = train.prepare_examples(cfg, load_datasets(cfg.datasets))["train"]
     indices = [8, 30, 51, 3, 12, 44, 61]  # desirable first, as training batches hold them
+    # and the other answer of item 8's prompt: one comparison within a prompt
+    indices.append(next(j for j, item in enumerate(items) if j != 8 and prompt_of(item) == prompt_of(items[8])
+                        and item.desirable != items[8].desirable))
     desirable = [i for i in indices if items[i].desirable]
     undesirable = [i for i in indices if not items[i].desirable]
     assert len(desirable) >= 2 and len(undesirable) >= 2
@@ -158,3 +161,29 @@ def test_unpaired_loop_rows_get_their_own_prompt_embeddings(make_cfg, tmp_path, 
     assert loss.item() == pytest.approx(expected, rel=1e-4)
     wins = sum(c > r for c in chosen for r in rejected)
     assert stats["rewards/accuracy"] == (pytest.approx(wins / (len(chosen) * len(rejected))), len(chosen) * len(rejected))
+    same = [(c, r) for a, c in zip(desirable, chosen, strict=True) for b, r in zip(undesirable, rejected, strict=True)
+            if prompt_of(items[a]) == prompt_of(items[b])]
+    assert len(same) >= 1
+    assert stats["rewards/accuracy_same_prompt"] == (pytest.approx(sum(c > r for c, r in same) / len(same)), len(same))
+
+
+def test_kto_same_prompt_accuracy_compares_each_prompts_own_answers(make_cfg, tmp_path):
+    """KTO's statistics: `rewards/accuracy` over every desirable x undesirable item of the batch,
+    `rewards/accuracy_same_prompt` over those of one prompt only, from rewards beta * (log pi - log ref)."""
+    cfg = make_cfg("loss=kto", "sft.enabled=false")
+    trainer = perturbed(build(cfg, tmp_path))
+    items = train.prepare_examples(cfg, load_datasets(cfg.datasets))["train"]
+    indices = [8, 30, 51, 3, 12, 44, 61]
+    indices += [j for j, item in enumerate(items) if prompt_of(item) in {prompt_of(items[8]), prompt_of(items[30])} and j not in indices]
+    desirable = [i for i in indices if items[i].desirable]
+    undesirable = [i for i in indices if not items[i].desirable]
+    indices = desirable + undesirable
+    _, stats = trainer.batch_loss(trainer.make_batch(trainer.train_set, indices), "train")
+    padded = collate_items([trainer.train_set[i] for i in indices], indices, trainer.pad_id)
+    rewards = (cfg.loss.beta * (full_logps(trainer.policy, padded) - trainer.reference_logps["train"][indices, 0].double())).tolist()
+    chosen, rejected = dict(zip(desirable, rewards, strict=False)), dict(zip(undesirable, rewards[len(desirable) :], strict=True))
+    same = [(a, b) for a in desirable for b in undesirable if prompt_of(items[a]) == prompt_of(items[b])]
+    assert 2 <= len(same) < len(desirable) * len(undesirable)
+    assert stats["rewards/accuracy_same_prompt"] == (pytest.approx(sum(chosen[a] > rejected[b] for a, b in same) / len(same)), len(same))
+    wins = sum(chosen[a] > rejected[b] for a in desirable for b in undesirable)
+    assert stats["rewards/accuracy"] == (pytest.approx(wins / (len(desirable) * len(undesirable))), len(desirable) * len(undesirable))

@@ -20,6 +20,8 @@ def test_every_preset_trains_end_to_end(make_cfg, tmp_path, loss):
     final = summary["stages"]["align"]["final_eval"]
     assert {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin"} <= final.keys()
     assert all(torch.isfinite(torch.tensor(v)) for v in final.values())
+    # unpaired losses on the demo pairs: each held-out batch holds both answers of its prompts
+    assert ("rewards/accuracy_same_prompt" in final) == (loss in ("rpo_unpaired", "kto"))
     sft = load_file(tmp_path / "run" / "sft" / "final" / "model.safetensors")
     aligned = load_file(tmp_path / "run" / "align" / "final" / "model.safetensors")
     assert any(not torch.equal(sft[k], aligned[k]) for k in sft)  # the loss moved the policy

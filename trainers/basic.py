@@ -205,6 +205,11 @@ def without_cudnn_attention() -> None:
     torch.backends.cuda.enable_cudnn_sdp(False)
 
 
+def same_prompt(prompt_ids: torch.Tensor, desirable: torch.Tensor) -> torch.Tensor:
+    """[desirable, undesirable] items of a batch: whether the two answer the same prompt."""
+    return prompt_ids[desirable].unsqueeze(1) == prompt_ids[~desirable].unsqueeze(0)
+
+
 class BasicTrainer:
     """Runs one stage: evaluation at the start, the training loop, checkpoints, the final model.
 
@@ -721,18 +726,24 @@ class BasicTrainer:
         each with its weight: how many pairs (or responses, or response pairs) it is a mean over."""
         if self.kto:
             return self.kto_objective(logps, batch, split)
-        return self.contrast_objective(self.contrast_inputs(logps, counts, batch, split, groups))
+        inputs = self.contrast_inputs(logps, counts, batch, split, groups)
+        if self.paired:
+            return self.contrast_objective(inputs)
+        desirable = batch["desirable"].to(self.device)
+        return self.contrast_objective(inputs, same_prompt(batch["prompt_ids"].to(self.device), desirable))
 
     def kto_objective(self, logps: torch.Tensor, batch: Mapping, split: str) -> tuple[torch.Tensor, Stats]:
         """KTO over the batch; under FSDP its items and KL pairs are gathered over every process, so
         the reference point z0 and the mean are those of the whole batch. A micro-batch carries the
         KL pairs of its whole batch (`batch_kl_pairs`), so z0 does not depend on the split either."""
         reference_logps = self.reference_batch_logps(batch, split)[0]
-        items = [self.gather(values, split) for values in (logps, reference_logps, batch["desirable"].to(self.device))]
+        gathered = (logps, reference_logps, batch["desirable"].to(self.device), batch["prompt_ids"].to(self.device))
+        *items, prompt_ids = [self.gather(values, split) for values in gathered]
         kl_pairs = batch.get("batch_kl_pairs") or self.kl_pairs(batch, split)
         loss, item_rewards, kl = kto_loss(*items, *kl_pairs, self.loss)
         item_logps, desirable = items[0], items[2]
-        stats = self.reward_stats(item_logps[desirable], item_logps[~desirable], item_rewards[desirable], item_rewards[~desirable])
+        stats = self.reward_stats(item_logps[desirable], item_logps[~desirable], item_rewards[desirable], item_rewards[~desirable],
+                                  same_prompt(prompt_ids, desirable))
         return loss, {"kl": (kl.item(), len(kl_pairs[0])), **stats}
 
     def kl_pairs(self, batch: Mapping, split: str) -> list[torch.Tensor]:
@@ -770,10 +781,11 @@ class BasicTrainer:
             inputs["groups"] = (ids, ids) if desirable is None else (ids[desirable], ids[~desirable])
         return inputs
 
-    def contrast_objective(self, inputs: Mapping) -> tuple[torch.Tensor, Stats]:
-        """`preference_loss` of `contrast_inputs` and its statistics."""
+    def contrast_objective(self, inputs: Mapping, same_prompt: torch.Tensor | None = None) -> tuple[torch.Tensor, Stats]:
+        """`preference_loss` of `contrast_inputs` and its statistics (`same_prompt`: see `reward_stats`)."""
         loss, chosen_rewards, rejected_rewards = preference_loss(**inputs, cfg=self.loss)
-        stats = self.reward_stats(inputs["policy_chosen_logps"], inputs["policy_rejected_logps"], chosen_rewards, rejected_rewards)
+        stats = self.reward_stats(inputs["policy_chosen_logps"], inputs["policy_rejected_logps"], chosen_rewards, rejected_rewards,
+                                  same_prompt)
         margin = inputs.get("margin")
         if margin is not None:
             stats["sr/delta_mean"] = (margin.mean().item(), len(margin))
@@ -783,13 +795,22 @@ class BasicTrainer:
         return loss, stats
 
     def reward_stats(
-        self, chosen: torch.Tensor, rejected: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
+        self, chosen: torch.Tensor, rejected: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
+        same_prompt: torch.Tensor | None = None,
     ) -> Stats:
-        """Rewards, their accuracy and margin, and log-probs of the chosen and rejected responses."""
-        # paired: each pair's own comparison; unpaired: every chosen response against every rejected one
+        """Rewards, their accuracy and margin, and log-probs of the chosen and rejected responses.
+
+        Paired, the accuracy is each pair's own comparison; unpaired, every chosen response against
+        every rejected one, mostly answers to other prompts. `same_prompt` ([chosen, rejected], unpaired
+        only) marks the comparisons of one prompt's responses: their accuracy is
+        `rewards/accuracy_same_prompt`, on data made of pairs the paired runs' measure."""
         wins = chosen_rewards > rejected_rewards if self.paired else chosen_rewards.unsqueeze(1) > rejected_rewards.unsqueeze(0)
         responses = len(chosen) + len(rejected)
-        return {
+        same = {}
+        if same_prompt is not None:  # weight 0 where there are none: every process reports the same keys
+            compared = int(same_prompt.sum())
+            same["rewards/accuracy_same_prompt"] = (wins[same_prompt].float().mean().item() if compared else 0.0, compared)
+        return {**same,
             "rewards/chosen": (chosen_rewards.mean().item(), len(chosen)),
             "rewards/rejected": (rejected_rewards.mean().item(), len(rejected)),
             "rewards/accuracy": (wins.float().mean().item(), wins.numel()),
