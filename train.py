@@ -339,9 +339,12 @@ def contrast_embeddings(cfg: DictConfig, examples: dict[str, list]) -> dict[str,
 
 def prepare_examples(cfg: DictConfig, examples: dict[str, list[Example]]) -> dict[str, list[Example]]:
     """Pairs for the paired losses; single labelled responses for unpaired ones (`loss.paired=false`);
-    of the held-out ones, those every evaluation scores (`train.max_eval_examples`). Unpaired data
-    is checked here to have both sides and batches that can hold them, before the SFT stage."""
+    of the held-out ones, those every evaluation scores (`train.max_eval_examples`, counted before
+    pairs become responses: an unpaired run on pairs scores both answers of the same held-out
+    pairs as a paired run). Unpaired data is checked here to have both sides and batches that can
+    hold them, before the SFT stage."""
     spec = LossSpec.of(cfg.loss)
+    examples = {**examples, "test": evaluation_slice(examples["test"], cfg.train.max_eval_examples)}
     has_unpaired = any(isinstance(e, LabelledResponse) for rows in examples.values() for e in rows)
     paired = spec.paired and not (spec.kind == "sft" and has_unpaired)
     prepared = {split: require_pairs(rows, spec.name) if paired else as_items(rows) for split, rows in examples.items()}
@@ -354,7 +357,7 @@ def prepare_examples(cfg: DictConfig, examples: dict[str, list[Example]]) -> dic
                                 "undesirable responses; unpaired training needs both")
         if spec.kind != "sft":
             check_unpaired_batches(cfg, prepared["train"])
-    return {**prepared, "test": evaluation_slice(prepared["test"], cfg.train.max_eval_examples)}
+    return prepared
 
 
 def load_examples(cfg: DictConfig) -> dict[str, list[Example]]:

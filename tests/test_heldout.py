@@ -100,3 +100,14 @@ def test_sweep_over_seeds_records_one_held_out_set(tmp_path, hh_folder, shared_c
     assert other.returncode == 0, other.stderr[-3000:]
     newest = max((tmp_path / "runs" / "multirun").glob("*/*/config.yaml"), key=lambda path: path.stat().st_mtime)
     assert OmegaConf.load(newest).heldout.fingerprint != recorded[0]["fingerprint"]
+
+
+def test_unpaired_runs_on_pairs_evaluate_both_answers_of_the_same_held_out_pairs(make_cfg):
+    """`train.max_eval_examples` counts held-out pairs before they become single responses: an
+    unpaired run scores both answers of exactly the pairs a paired run scores."""
+    paired, unpaired = (train.prepare_examples(cfg, load_datasets(cfg.datasets))["test"]
+                        for cfg in (make_cfg("loss=dpo", "train.max_eval_examples=5"),
+                                    make_cfg("loss=rpo_unpaired", "train.max_eval_examples=5")))
+    assert len(paired) == 5 and len(unpaired) == 10
+    assert [(item.prompt, item.response, item.desirable) for item in unpaired] == [
+        (pair.prompt, answer, desirable) for pair in paired for answer, desirable in ((pair.chosen, True), (pair.rejected, False))]
