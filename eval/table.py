@@ -35,8 +35,6 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from utils import BOOKKEEPING_KEYS
-
 METRICS = {  # column: key of the last stage's final held-out evaluation
     "loss": "loss",
     "reward accuracy": "rewards/accuracy",
@@ -50,6 +48,11 @@ METRICS = {  # column: key of the last stage's final held-out evaluation
 GROUPED_AWAY = "seed"  # runs that differ only in this override are repeats of one setting
 # where a run's files go, not what it computes: runs that differ only in these are the same setting
 OUTPUT_LOCATIONS = ("runs_root", "hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir")
+# how a run is launched and how often it checkpoints, not what it computes (a resumed run ends bit for
+# bit as an uninterrupted one, whatever its checkpoints): a run may be resumed with other values, and
+# runs that differ only in these are one setting of a table (here, so that this
+# module stays free of torch: `python -m eval.table` starts in a fraction of a second)
+BOOKKEEPING_KEYS = ("resume", "debug", "train.save_every")
 
 
 @dataclass
