@@ -181,7 +181,8 @@ def test_kto_same_prompt_accuracy_compares_each_prompts_own_answers(make_cfg, tm
     _, stats = trainer.batch_loss(trainer.make_batch(trainer.train_set, indices), "train")
     padded = collate_items([trainer.train_set[i] for i in indices], indices, trainer.pad_id)
     rewards = (cfg.loss.beta * (full_logps(trainer.policy, padded) - trainer.reference_logps["train"][indices, 0].double())).tolist()
-    chosen, rejected = dict(zip(desirable, rewards, strict=False)), dict(zip(undesirable, rewards[len(desirable) :], strict=True))
+    split = len(desirable)
+    chosen, rejected = dict(zip(desirable, rewards[:split], strict=True)), dict(zip(undesirable, rewards[split:], strict=True))
     same = [(a, b) for a in desirable for b in undesirable if prompt_of(items[a]) == prompt_of(items[b])]
     assert 2 <= len(same) < len(desirable) * len(undesirable)
     assert stats["rewards/accuracy_same_prompt"] == (pytest.approx(sum(chosen[a] > rejected[b] for a, b in same) / len(same)), len(same))

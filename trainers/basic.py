@@ -727,10 +727,8 @@ class BasicTrainer:
         if self.kto:
             return self.kto_objective(logps, batch, split)
         inputs = self.contrast_inputs(logps, counts, batch, split, groups)
-        if self.paired:
-            return self.contrast_objective(inputs)
-        desirable = batch["desirable"].to(self.device)
-        return self.contrast_objective(inputs, same_prompt(batch["prompt_ids"].to(self.device), desirable))
+        pairs_of_one_prompt = None if self.paired else same_prompt(*(batch[key].to(self.device) for key in ("prompt_ids", "desirable")))
+        return self.contrast_objective(inputs, pairs_of_one_prompt)
 
     def kto_objective(self, logps: torch.Tensor, batch: Mapping, split: str) -> tuple[torch.Tensor, Stats]:
         """KTO over the batch; under FSDP its items and KL pairs are gathered over every process, so
