@@ -5,7 +5,8 @@
     python -m eval.table outputs/multirun/<time> --out tables/rpo_tau
 
 Each run gives its overrides (the command-line ones, `.hydra/overrides.yaml`), its seed, the last
-stage's final held-out loss, reward accuracy and margin, preference accuracy and chosen log-prob,
+stage's final held-out loss, reward accuracy and margin, preference accuracy and chosen log-prob
+(or those of its latest re-evaluation by `python -m eval.heldout`, named below the table),
 its wall time and, where it was judged (`eval.after_training`), its win rates, plain and with ties
 counted half (`summary.json`). Runs that differ only in `seed` form a group: mean, sample standard
 deviation, 95 % interval of the mean (Student's t) and count. A sweep folder's expected jobs come
@@ -67,6 +68,7 @@ class Run:
     wall_s: float | None = None
     curves: list[dict] = field(default_factory=list)
     judge: str | None = None  # the judge of its evaluation after training
+    reevaluated: str | None = None  # when `python -m eval.heldout` scored it again (its figures replace the recorded ones)
     published: dict = field(default_factory=dict)  # its paper's published numbers (config `paper.published`)
 
     @property
@@ -92,6 +94,14 @@ def run_metrics(summary: dict) -> dict[str, float]:
     return metrics
 
 
+def latest_reevaluation(folder: Path, summary: dict) -> dict | None:
+    """The last stage's latest `python -m eval.heldout` record (`heldout/<stage>.jsonl`), if any.
+    (A path, not eval.heldout's function: that module imports torch, this one starts without it.)"""
+    path = folder / "heldout" / f"{list(summary['stages'])[-1]}.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return json.loads(lines[-1]) if lines else None
+
+
 def read_run(folder: Path) -> Run:
     """A run folder's overrides, state, seed, final metrics, wall time and metric records."""
     overrides_file = folder / ".hydra" / "overrides.yaml"
@@ -107,6 +117,11 @@ def read_run(folder: Path) -> Run:
     if run.state == "finished" and summary_file.exists():
         summary = json.loads(summary_file.read_text())
         run.metrics = run_metrics(summary)
+        reevaluation = latest_reevaluation(folder, summary)
+        if reevaluation:
+            run.metrics = {name: value for name, value in run.metrics.items() if name not in METRICS}
+            run.metrics.update({name: reevaluation["metrics"][key] for name, key in METRICS.items() if key in reevaluation["metrics"]})
+            run.reevaluated = reevaluation["evaluated_at"]
         run.judge = next((judged.get("judge") for judged in summary.get("judged", {}).values()), None)
         finished = time.mktime(time.strptime(state["updated"], "%Y-%m-%dT%H:%M:%S"))
         run.wall_s = finished - config_file.stat().st_mtime if config_file.exists() else None
@@ -261,6 +276,11 @@ def markdown(runs: Sequence[Run], groups: Sequence[Group], versus: Sequence[Head
         cells = [f"{run.metrics[n]:.4f}" if n in run.metrics else "-" for n in names]
         lines.append(f"| {run.folder or label(run.overrides)} | {'-' if run.seed is None else run.seed} | {run.state} | "
                      + " | ".join(cells) + f" | {wall(run.wall_s)} |")
+    reevaluated = [run for run in runs if run.reevaluated]
+    if reevaluated:
+        lines += ["", f"{len(reevaluated)} of {len(runs)} runs show a later held-out evaluation (`python -m eval.heldout`) in place of "
+                  "the one they recorded:"]
+        lines += [f"- {run.folder}: {run.reevaluated}" for run in reevaluated]
     unfinished = [run for run in runs if run.state != "finished"]
     if unfinished:
         lines += ["", f"{len(unfinished)} of {len(runs)} runs did not finish (left out of the means):"]
