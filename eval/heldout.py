@@ -91,8 +91,10 @@ def evaluate_stage(run_dir: Path, stage: str | None = None, max_eval_examples: i
                                embeddings)
         load_weights(trainer.policy, run_dir / stage / "final")
         metrics = trainer.evaluate()
+        scored = "pairs" if trainer.paired else "responses"  # an unpaired loss scores each pair's answers apart
     record = {
         "stage": stage,
+        "scored": scored,
         "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "heldout": OmegaConf.to_container(cfg.heldout),
         "metrics": metrics,
@@ -135,7 +137,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     with exit_on(ConfigError, DataError, ModelResolutionError):
         record = evaluate_stage(args.run_dir, args.stage, args.max_eval_examples, args.eval_batch_size)
     heldout = record["heldout"]
-    print(f"{args.run_dir}, stage {record['stage']}: {heldout['evaluated']} of {heldout['examples']} held-out examples")
+    print(f"{args.run_dir}, stage {record['stage']}: held-out split of {heldout['examples']} examples; scored "
+          f"{heldout['evaluated']} {record['scored']}")
     print(comparison(record))
     print(f"Appended to {reevaluations(args.run_dir, record['stage'])}")
 

@@ -134,7 +134,7 @@ def test_a_finished_run_is_scored_again_as_it_recorded_then_on_more_pairs(tmp_pa
     assert set(record["metrics"]) == set(record["recorded"]) and "rewards/accuracy_same_prompt" in record["metrics"]
     assert record["metrics"] == pytest.approx(record["recorded"], abs=1e-5)
     assert record["heldout"] == OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml").heldout)
-    assert "| rewards/accuracy_same_prompt |" in again.stdout
+    assert "| rewards/accuracy_same_prompt |" in again.stdout and "held-out split of 8 examples; scored 8 responses" in again.stdout
 
     every = cli("eval.heldout", str(run_dir), "--max-eval-examples", "all")
     assert every.returncode == 0, every.stderr[-3000:]
