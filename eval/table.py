@@ -278,8 +278,8 @@ def markdown(runs: Sequence[Run], groups: Sequence[Group], versus: Sequence[Head
                      + " | ".join(cells) + f" | {wall(run.wall_s)} |")
     reevaluated = [run for run in runs if run.reevaluated]
     if reevaluated:
-        lines += ["", f"{len(reevaluated)} of {len(runs)} runs show a later held-out evaluation (`python -m eval.heldout`) in place of "
-                  "the one they recorded:"]
+        lines += ["", f"Held-out figures of a later evaluation (`python -m eval.heldout`) in place of those recorded, for "
+                  f"{len(reevaluated)} of {len(runs)} runs:"]
         lines += [f"- {run.folder}: {run.reevaluated}" for run in reevaluated]
     unfinished = [run for run in runs if run.state != "finished"]
     if unfinished:

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 import train
 from eval.heldout import main as heldout_main
-from eval.table import read_run
+from eval.table import group_runs, markdown, read_run
 from preference_datasets import DataError, load_datasets, load_jsonl, load_tldr, load_ultrafeedback_unpaired, prompt_key
 from tests.conftest import ROOT, TINY_OVERRIDES
 from tests.test_eval import cli
@@ -146,6 +146,7 @@ def test_a_finished_run_is_scored_again_as_it_recorded_then_on_more_pairs(tmp_pa
     assert shown.reevaluated == latest["evaluated_at"]
     assert shown.metrics["same-prompt reward accuracy"] == latest["metrics"]["rewards/accuracy_same_prompt"]
     assert shown.metrics["loss"] == latest["metrics"]["loss"]
+    assert f"for 1 of 1 runs:\n- {run_dir}: {latest['evaluated_at']}\n" in markdown([shown], group_runs([shown]))
     assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file() and "heldout" not in path.parts} == written
 
     changed = hh_folder / "harmless-base" / "test.jsonl.gz"
