@@ -6,8 +6,9 @@
 For a run whose held-out figures predate a statistic or a fix of the evaluation, or to score more
 (or fewer) held-out pairs than `train.max_eval_examples` did. The stage's trainer is built as the
 run built it (its config.yaml, data and tokenizer; for `align` the frozen reference is the stage's
-start model, the SFT model, as in training, computed live on the held-out pairs only), `<stage>/final`
-is loaded into the policy, and the held-out evaluation runs. One JSON line per call is appended to
+start model, the SFT model, as in training, computed live on the held-out pairs only: the run's
+precomputed reference up to float rounding, which is larger in bfloat16), `<stage>/final` is
+loaded into the policy, and the held-out evaluation runs. One JSON line per call is appended to
 `<run>/heldout/<stage>.jsonl` (the metrics, the held-out set scored, the figures the run recorded);
 nothing the run wrote is changed. `python -m eval.table` shows a run's latest re-evaluation in place
 of its recorded held-out figures and says which runs it re-evaluated.
