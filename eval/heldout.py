@@ -30,13 +30,12 @@ from preference_datasets import DataError
 from trainers.basic import BasicTrainer, MetricsLog, load_weights
 from utils import ConfigError, ModelResolutionError, atomic_write_text, exit_on
 
+ALL = "all"  # --max-eval-examples: every held-out example
+
 
 def reevaluations(run_dir: Path, stage: str) -> Path:
     """Where `stage`'s re-evaluations of a run are appended."""
     return run_dir / "heldout" / f"{stage}.jsonl"
-
-
-ALL = "all"  # --max-eval-examples: every held-out example
 
 
 def run_config(run_dir: Path, max_eval_examples: int | str | None, eval_batch_size: int | None) -> DictConfig:
