@@ -15,7 +15,7 @@ import train
 from eval.heldout import main as heldout_main
 from eval.table import group_runs, markdown, read_run
 from preference_datasets import DataError, load_datasets, load_jsonl, load_tldr, load_ultrafeedback_unpaired, prompt_key
-from tests.conftest import ROOT, TINY_OVERRIDES
+from tests.conftest import ROOT
 from tests.test_eval import cli
 from tests.test_loaders import TLDR_HUB, comparison, write_lines
 
@@ -117,15 +117,13 @@ def test_unpaired_runs_on_pairs_evaluate_both_answers_of_the_same_held_out_pairs
         (pair.prompt, answer, desirable) for pair in paired for answer, desirable in ((pair.chosen, True), (pair.rejected, False))]
 
 
-def test_a_finished_run_is_scored_again_as_it_recorded_then_on_more_pairs(tmp_path, hh_folder, shared_cache, capsys):
+def test_a_finished_run_is_scored_again_as_it_recorded_then_on_more_pairs(make_cfg, tmp_path, hh_folder, capsys):
     """`python -m eval.heldout RUN` on a finished unpaired run (its reference: the run's SFT model):
     the figures the run recorded at its end; with `--max-eval-examples all`, every held-out pair;
     eval.table shows the latest; nothing the run wrote changes; a changed data file is refused."""
-    command = [sys.executable, "train.py", *TINY_OVERRIDES, "loss=rpo_unpaired", "datasets=[hh]", f"datasets.hh.path={hh_folder}",
-               "datasets.hh.holdout=8", "train.max_eval_examples=4", f"runs_root={tmp_path / 'runs'}", f"cache_dir={shared_cache}"]
-    trained = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    (run_dir,) = [path.parent for path in (tmp_path / "runs").glob("*/*/summary.json")]
+    run_dir = tmp_path / "run"
+    train.run(make_cfg("loss=rpo_unpaired", "datasets=[hh]", f"datasets.hh.path={hh_folder}", "datasets.hh.holdout=8",
+                       "train.max_eval_examples=4"), run_dir)
     written = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
 
     again = cli("eval.heldout", str(run_dir))
@@ -136,8 +134,7 @@ def test_a_finished_run_is_scored_again_as_it_recorded_then_on_more_pairs(tmp_pa
     assert record["heldout"] == OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml").heldout)
     assert "| rewards/accuracy_same_prompt |" in again.stdout and "held-out split of 8 examples; scored 8 responses" in again.stdout
 
-    every = cli("eval.heldout", str(run_dir), "--max-eval-examples", "all")
-    assert every.returncode == 0, every.stderr[-3000:]
+    heldout_main([str(run_dir), "--max-eval-examples", "all"])
     first, latest = map(json.loads, (run_dir / "heldout" / "align.jsonl").read_text().splitlines())
     assert first == record and (record["heldout"]["evaluated"], latest["heldout"]["evaluated"]) == (8, 16)  # both answers of 4 and 8 pairs
     assert latest["heldout"]["examples"] == 8
@@ -149,12 +146,13 @@ def test_a_finished_run_is_scored_again_as_it_recorded_then_on_more_pairs(tmp_pa
     assert f"for 1 of 1 runs:\n- {run_dir}: {latest['evaluated_at']}\n" in markdown([shown], group_runs([shown]))
     assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file() and "heldout" not in path.parts} == written
 
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_code:
+        heldout_main([str(run_dir), "--stage", "dpo"])
+    assert exit_code.value.code == 2 and "error: --stage dpo: the run's stages are sft, align\n" == capsys.readouterr().err
     changed = hh_folder / "harmless-base" / "test.jsonl.gz"
     rows = gzip.decompress(changed.read_bytes()).decode().splitlines()
     changed.write_bytes(gzip.compress("\n".join(rows[1:]).encode()))
     refused = cli("eval.heldout", str(run_dir))
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
     assert f"error: datasets {hh_folder}: the held-out split" in refused.stderr and "the data changed since" in refused.stderr
-    with pytest.raises(SystemExit) as exit_code:
-        heldout_main([str(run_dir), "--stage", "dpo"])
-    assert exit_code.value.code == 2 and "error: --stage dpo: the run's stages are sft, align\n" == capsys.readouterr().err
