@@ -2,6 +2,7 @@
 
     python -m eval.heldout outputs/rpo_smollm2_135m/<time>                      # the last stage
     python -m eval.heldout outputs/rpo_smollm2_135m/<time> --max-eval-examples 512
+    python -m eval.heldout outputs/multirun/<time>/*/                           # each run of a sweep
 
 For a run whose held-out figures predate a statistic or a fix of the evaluation, or to score more
 (or fewer) held-out pairs than `train.max_eval_examples` did. The stage's trainer is built as the
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -28,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 import train
 from preference_datasets import DataError
 from trainers.basic import BasicTrainer, MetricsLog, load_weights
-from utils import ConfigError, ModelResolutionError, atomic_write_text, exit_on
+from utils import EXIT_BAD_INPUT, ConfigError, ModelResolutionError, atomic_write_text, print_errors
 
 ALL = "all"  # --max-eval-examples: every held-out example
 
@@ -127,20 +129,30 @@ def count_or_all(text: str) -> int | str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Score each run given; one that cannot be scored is named (exit code 2 at the end) and the
+    others are still scored, as a sweep's folders with a failed job among them."""
     parser = argparse.ArgumentParser(prog="python -m eval.heldout", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", type=Path, help="a run folder of train.py (where its config.yaml is)")
-    parser.add_argument("--stage", help="the stage whose final model to score (default: the run's last)")
+    parser.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help="run folders of train.py (where config.yaml is)")
+    parser.add_argument("--stage", help="the stage whose final model to score (default: each run's last)")
     parser.add_argument("--max-eval-examples", type=count_or_all, help="held-out pairs to score, or `all` (default: the run's "
                         "train.max_eval_examples)")
     parser.add_argument("--eval-batch-size", type=positive, help="held-out pairs per batch (default: the run's train.eval_batch_size)")
     args = parser.parse_args(argv)
-    with exit_on(ConfigError, DataError, ModelResolutionError):
-        record = evaluate_stage(args.run_dir, args.stage, args.max_eval_examples, args.eval_batch_size)
-    heldout = record["heldout"]
-    print(f"{args.run_dir}, stage {record['stage']}: held-out split of {heldout['examples']} examples; scored "
-          f"{heldout['evaluated']} {record['scored']}")
-    print(comparison(record))
-    print(f"Appended to {reevaluations(args.run_dir, record['stage'])}")
+    refused = 0
+    for run_dir in args.run_dirs:
+        try:
+            record = evaluate_stage(run_dir, args.stage, args.max_eval_examples, args.eval_batch_size)
+        except (ConfigError, DataError, ModelResolutionError) as error:
+            print_errors(error)
+            refused += 1
+            continue
+        heldout = record["heldout"]
+        print(f"{run_dir}, stage {record['stage']}: held-out split of {heldout['examples']} examples; scored "
+              f"{heldout['evaluated']} {record['scored']}")
+        print(comparison(record))
+        print(f"Appended to {reevaluations(run_dir, record['stage'])}")
+    if refused:
+        sys.exit(EXIT_BAD_INPUT)
 
 
 if __name__ == "__main__":

@@ -134,7 +134,10 @@ def test_a_finished_run_is_scored_again_as_it_recorded_then_on_more_pairs(make_c
     assert record["heldout"] == OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml").heldout)
     assert "| rewards/accuracy_same_prompt |" in again.stdout and "held-out split of 8 examples; scored 8 responses" in again.stdout
 
-    heldout_main([str(run_dir), "--max-eval-examples", "all"])
+    with pytest.raises(SystemExit) as exit_code:  # the run is scored, the folder that holds none is named
+        heldout_main([str(tmp_path / "elsewhere"), str(run_dir), "--max-eval-examples", "all"])
+    assert exit_code.value.code == 2
+    assert f"error: {tmp_path / 'elsewhere'}: no config.yaml, not a run folder of train.py\n" in capsys.readouterr().err
     first, latest = map(json.loads, (run_dir / "heldout" / "align.jsonl").read_text().splitlines())
     assert first == record and (record["heldout"]["evaluated"], latest["heldout"]["evaluated"]) == (8, 16)  # both answers of 4 and 8 pairs
     assert latest["heldout"]["examples"] == 8
@@ -146,7 +149,6 @@ def test_a_finished_run_is_scored_again_as_it_recorded_then_on_more_pairs(make_c
     assert f"for 1 of 1 runs:\n- {run_dir}: {latest['evaluated_at']}\n" in markdown([shown], group_runs([shown]))
     assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file() and "heldout" not in path.parts} == written
 
-    capsys.readouterr()
     with pytest.raises(SystemExit) as exit_code:
         heldout_main([str(run_dir), "--stage", "dpo"])
     assert exit_code.value.code == 2 and "error: --stage dpo: the run's stages are sft, align\n" == capsys.readouterr().err
