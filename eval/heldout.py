@@ -28,16 +28,12 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 import train
+from eval.table import reevaluations
 from preference_datasets import DataError
 from trainers.basic import BasicTrainer, MetricsLog, load_weights
 from utils import EXIT_BAD_INPUT, ConfigError, ModelResolutionError, atomic_write_text, print_errors
 
 ALL = "all"  # --max-eval-examples: every held-out example
-
-
-def reevaluations(run_dir: Path, stage: str) -> Path:
-    """Where `stage`'s re-evaluations of a run are appended."""
-    return run_dir / "heldout" / f"{stage}.jsonl"
 
 
 def run_config(run_dir: Path, max_eval_examples: int | str | None, eval_batch_size: int | None) -> DictConfig:
@@ -86,7 +82,8 @@ def evaluate_stage(run_dir: Path, stage: str | None = None, max_eval_examples: i
     tokenizer = train.load_tokenizer(cfg)
     data = train.tokenize_examples(cfg, tokenizer, examples)
     embeddings = train.contrast_embeddings(cfg, examples)
-    earlier = train.stages(cfg)[: train.stages(cfg).index(stage)]
+    planned = train.stages(cfg)
+    earlier = planned[: planned.index(stage)]
     start = train.load_stage_model(cfg, run_dir / earlier[-1] / "final") if earlier else train.load_policy(cfg, tokenizer)
     with tempfile.TemporaryDirectory() as scratch:  # the trainer's folders: nothing is written into the run
         trainer = BasicTrainer(cfg, stage, start, tokenizer, data, Path(scratch) / stage, MetricsLog(Path(scratch) / "metrics.jsonl"),

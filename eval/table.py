@@ -94,10 +94,15 @@ def run_metrics(summary: dict) -> dict[str, float]:
     return metrics
 
 
+def reevaluations(run_dir: Path, stage: str) -> Path:
+    """Where `python -m eval.heldout` appends its re-evaluations of a run's `stage` (here, not in
+    eval.heldout, which imports torch: this module starts without it)."""
+    return run_dir / "heldout" / f"{stage}.jsonl"
+
+
 def latest_reevaluation(folder: Path, summary: dict) -> dict | None:
-    """The last stage's latest `python -m eval.heldout` record (`heldout/<stage>.jsonl`), if any.
-    (A path, not eval.heldout's function: that module imports torch, this one starts without it.)"""
-    path = folder / "heldout" / f"{list(summary['stages'])[-1]}.jsonl"
+    """The last stage's latest `python -m eval.heldout` record, if any."""
+    path = reevaluations(folder, list(summary["stages"])[-1])
     lines = path.read_text().splitlines() if path.exists() else []
     return json.loads(lines[-1]) if lines else None
 
