@@ -110,8 +110,15 @@ def run_state(run_dir: Path) -> str | None:
 
 
 def write_state(run_dir: Path, state: str, cfg: DictConfig, message: str = "") -> None:
-    """Record the run's state beside its config (rank 0; atomically, so a kill leaves the old one)."""
-    record = {"state": state, "config_fingerprint": config_fingerprint(cfg), "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    """Record the run's state beside its config (rank 0; atomically, so a kill leaves the old one).
+    `started` is the first launch's time, kept through resumes: a run's wall time must not hang on
+    file times, which copying a run folder (rsync, git) does not keep."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%S")
+    try:
+        started = json.loads((run_dir / "state.json").read_text()).get("started", now)
+    except (OSError, ValueError):
+        started = now
+    record = {"state": state, "config_fingerprint": config_fingerprint(cfg), "started": started, "updated": now}
     atomic_write_text(run_dir / "state.json", json.dumps({**record, **({"message": message} if message else {})}, indent=2))
 
 

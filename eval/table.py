@@ -128,12 +128,21 @@ def read_run(folder: Path) -> Run:
             run.metrics.update({name: reevaluation["metrics"][key] for name, key in METRICS.items() if key in reevaluation["metrics"]})
             run.reevaluated = reevaluation["evaluated_at"]
         run.judge = next((judged.get("judge") for judged in summary.get("judged", {}).values()), None)
-        finished = time.mktime(time.strptime(state["updated"], "%Y-%m-%dT%H:%M:%S"))
-        run.wall_s = finished - config_file.stat().st_mtime if config_file.exists() else None
+        run.wall_s = wall_time(state, config_file)
     metrics_file = folder / "metrics.jsonl"
     if metrics_file.exists():
         run.curves = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
     return run
+
+
+def wall_time(state: dict, config_file: Path) -> float | None:
+    """Seconds from the run's first launch to its last state record; runs written before
+    `state.json` kept `started` fall back on config.yaml's file time (written at the first launch)."""
+    def seconds(stamp: str) -> float:
+        return time.mktime(time.strptime(stamp, "%Y-%m-%dT%H:%M:%S"))
+    if "started" in state:
+        return seconds(state["updated"]) - seconds(state["started"])
+    return seconds(state["updated"]) - config_file.stat().st_mtime if config_file.exists() else None
 
 
 def expected_jobs(sweep: Path) -> list[list[str]] | None:

@@ -50,7 +50,8 @@ def test_interrupted_at_several_moments_then_resumed_ends_as_an_uninterrupted_ru
     killed = interrupt(command(runs, shared_cache), lambda: any(runs.glob("*/*/sft/checkpoint/trainer_state.pt")), signal.SIGKILL)
     assert killed.returncode == -signal.SIGKILL
     (run_dir,) = [path.parent for path in runs.glob("*/*/config.yaml")]
-    assert json.loads((run_dir / "state.json").read_text())["state"] == "running"  # killed: never recorded an end
+    first_state = json.loads((run_dir / "state.json").read_text())
+    assert first_state["state"] == "running"  # killed: never recorded an end
 
     resume = command(runs, shared_cache, "resume=true")
     during_write = interrupt(resume, lambda: (run_dir / "align" / "checkpoint.tmp").exists(), signal.SIGKILL, poll=0.0005)
@@ -79,7 +80,9 @@ def test_interrupted_at_several_moments_then_resumed_ends_as_an_uninterrupted_ru
     assert "resuming from the previous checkpoint" in finished.stdout
     assert len(list((run_dir / "align").glob("checkpoint.corrupt-*"))) == 1  # kept aside, not deleted
     assert sorted(runs.glob("*/*")) == [run_dir, failed_start]  # the resuming launches left no folders of their own
-    assert json.loads((run_dir / "state.json").read_text())["state"] == "finished"
+    final_state = json.loads((run_dir / "state.json").read_text())
+    assert final_state["state"] == "finished"
+    assert final_state["started"] == first_state["started"]  # the wall time counts from the first launch
 
     (straight_dir,) = [path.parent for path in (tmp_path / "straight").glob("*/*/config.yaml")]
     for stage in ("sft", "align"):

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from eval.table import build_table, collect
+from eval.table import build_table, collect, read_run
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCURACY = {("0.25", 0): 0.5, ("0.25", 1): 0.75, ("0.25", 2): 1.0, ("0.5", 0): 0.25}  # finished jobs: (tau, seed) -> accuracy
@@ -143,6 +146,20 @@ def test_runs_that_differ_only_in_where_they_were_written_are_one_setting(tmp_pa
     build_table(sorted(tmp_path.glob("sweep*/0_rpo_tiny")), tmp_path / "out")
     settings = rows(tmp_path / "out" / "table.csv")
     assert [(row["setting"], row["reward accuracy n"]) for row in settings] == [("model=tiny loss.tau=0.25", "3")]
+
+
+def test_wall_time_is_the_runs_own_record_not_a_file_time(sweep, tmp_path):
+    """A run folder copied without its file times (git, rsync without -t) keeps its wall time:
+    from the first launch recorded in state.json; older runs fall back on config.yaml's time."""
+    copied = tmp_path / "copied"
+    shutil.copytree(sweep / "0_rpo_tiny", copied)  # copytree keeps times: touch config.yaml as git would
+    os.utime(copied / "config.yaml")
+    state = json.loads((copied / "state.json").read_text())
+    (copied / "state.json").write_text(json.dumps({**state, "started": "2026-12-03T08:59:30"}))
+    assert read_run(copied).wall_s == 3630
+    os.utime(copied / "config.yaml", (0, time.mktime(time.strptime("2026-12-03T09:30:00", "%Y-%m-%dT%H:%M:%S"))))
+    (copied / "state.json").write_text(json.dumps(state))
+    assert read_run(copied).wall_s == 1800
 
 
 def test_the_command_line_prints_the_table_and_refuses_a_missing_folder(sweep, tmp_path):
