@@ -100,13 +100,17 @@ def config_differences(saved: Path, cfg: DictConfig) -> list[str]:
             for key in sorted(before.keys() | now.keys()) if before.get(key, missing) != now.get(key, missing)]
 
 
+def saved_state(run_dir: Path) -> dict:
+    """The run's `state.json`, or nothing where there is none or it cannot be read."""
+    try:
+        return json.loads((run_dir / "state.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def run_state(run_dir: Path) -> str | None:
     """What `state.json` says of a run: running (or killed while running), stopped, failed, finished."""
-    path = run_dir / "state.json"
-    try:
-        return json.loads(path.read_text())["state"]
-    except (OSError, ValueError, KeyError):
-        return "finished" if (run_dir / "summary.json").exists() else None
+    return saved_state(run_dir).get("state") or ("finished" if (run_dir / "summary.json").exists() else None)
 
 
 def write_state(run_dir: Path, state: str, cfg: DictConfig, message: str = "") -> None:
@@ -114,11 +118,8 @@ def write_state(run_dir: Path, state: str, cfg: DictConfig, message: str = "") -
     `started` is the first launch's time, kept through resumes: a run's wall time must not hang on
     file times, which copying a run folder (rsync, git) does not keep."""
     now = time.strftime("%Y-%m-%dT%H:%M:%S")
-    try:
-        started = json.loads((run_dir / "state.json").read_text()).get("started", now)
-    except (OSError, ValueError):
-        started = now
-    record = {"state": state, "config_fingerprint": config_fingerprint(cfg), "started": started, "updated": now}
+    record = {"state": state, "config_fingerprint": config_fingerprint(cfg), "started": saved_state(run_dir).get("started", now),
+              "updated": now}
     atomic_write_text(run_dir / "state.json", json.dumps({**record, **({"message": message} if message else {})}, indent=2))
 
 
