@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
@@ -60,8 +59,10 @@ from utils import (
     print_errors,
     rank,
     resolve_model_path,
+    saved_state,
     seed_everything,
     text_fingerprint,
+    timestamp,
     world_size,
 )
 
@@ -100,26 +101,23 @@ def config_differences(saved: Path, cfg: DictConfig) -> list[str]:
             for key in sorted(before.keys() | now.keys()) if before.get(key, missing) != now.get(key, missing)]
 
 
-def saved_state(run_dir: Path) -> dict:
-    """The run's `state.json`, or nothing where there is none or it cannot be read."""
-    try:
-        return json.loads((run_dir / "state.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def run_state(run_dir: Path) -> str | None:
     """What `state.json` says of a run: running (or killed while running), stopped, failed, finished."""
     return saved_state(run_dir).get("state") or ("finished" if (run_dir / "summary.json").exists() else None)
 
 
-def write_state(run_dir: Path, state: str, cfg: DictConfig, message: str = "") -> None:
+def write_state(run_dir: Path, state: str, cfg: DictConfig, message: str = "", launch: bool = False) -> None:
     """Record the run's state beside its config (rank 0; atomically, so a kill leaves the old one).
-    `started` is the first launch's time, kept through resumes: a run's wall time must not hang on
-    file times, which copying a run folder (rsync, git) does not keep."""
-    now = time.strftime("%Y-%m-%dT%H:%M:%S")
-    record = {"state": state, "config_fingerprint": config_fingerprint(cfg), "started": saved_state(run_dir).get("started", now),
-              "updated": now}
+    `started` is the first launch's time, kept through resumes; `launches` holds each launch's start
+    and end (its last state record or checkpoint: `record_progress`). Their sum is the time the run
+    ran (eval.table's wall time): neither the wait between a stop and its resume, nor file times,
+    which copying a run folder (rsync, git) does not keep. A run begun before `launches` existed
+    counts its earlier launches as one, from `started` to its last record."""
+    now, saved = timestamp(), saved_state(run_dir)
+    launches = saved.get("launches") or ([[saved["started"], saved["updated"]]] if "started" in saved else [])
+    launches = [*launches, [now, now]] if launch or not launches else [*launches[:-1], [launches[-1][0], now]]
+    record = {"state": state, "config_fingerprint": config_fingerprint(cfg), "started": launches[0][0], "updated": now,
+              "launches": launches}
     atomic_write_text(run_dir / "state.json", json.dumps({**record, **({"message": message} if message else {})}, indent=2))
 
 
@@ -171,7 +169,7 @@ def prepare_run_dir(cfg: DictConfig, output_dir: Path) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     if not (run_dir / "config.yaml").exists():
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    write_state(run_dir, "running", cfg)
+    write_state(run_dir, "running", cfg, launch=True)
     return run_dir
 
 

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -514,6 +515,33 @@ def atomic_torch_save(obj: object, path: Path) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda temporary: Path(temporary).write_text(text))
+
+
+# ----------------------------------------------------------------------------- run state
+
+
+def timestamp() -> str:
+    """The local time as state.json writes it."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def saved_state(run_dir: Path) -> dict:
+    """The run's `state.json`, or nothing where there is none or it cannot be read."""
+    try:
+        return json.loads((run_dir / "state.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def record_progress(run_dir: Path) -> None:
+    """Move the current launch's end in state.json to now (at each checkpoint), so that a launch
+    killed without a chance to say so (SIGKILL, a lost machine) still counts in the run's time up
+    to the last work it saved."""
+    state = saved_state(run_dir)
+    if state.get("launches"):
+        now = timestamp()
+        state["launches"][-1][1] = state["updated"] = now
+        atomic_write_text(run_dir / "state.json", json.dumps(state, indent=2))
 
 
 # ----------------------------------------------------------------------------- processes

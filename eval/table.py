@@ -136,10 +136,14 @@ def read_run(folder: Path) -> Run:
 
 
 def wall_time(state: dict, config_file: Path) -> float | None:
-    """Seconds from the run's first launch to its last state record; runs written before
-    `state.json` kept `started` fall back on config.yaml's file time (written at the first launch)."""
+    """Seconds the run ran: the sum of its launches as state.json records them (a stopped run
+    resumed a day later is not a day longer). Runs written before `launches` existed count from
+    their first launch (`started`) to their last state record, and those written before `started`
+    existed from config.yaml's file time (written at the first launch)."""
     def seconds(stamp: str) -> float:
         return time.mktime(time.strptime(stamp, "%Y-%m-%dT%H:%M:%S"))
+    if state.get("launches"):
+        return sum(seconds(end) - seconds(start) for start, end in state["launches"])
     if "started" in state:
         return seconds(state["updated"]) - seconds(state["started"])
     return seconds(state["updated"]) - config_file.stat().st_mtime if config_file.exists() else None

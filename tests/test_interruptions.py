@@ -22,6 +22,16 @@ ARGUMENTS = ["model=tiny", "loss=dpo", DROPOUT, "train.batch_size=4", "sft.max_e
              "train.save_every=16", "train.eval_every=100000", "train.max_eval_examples=4",
              "eval.after_training=none", "sft.reuse=false"]  # each run its own SFT, to interrupt and resume
 
+WAIT_BEFORE_RESUME = 3  # seconds
+
+
+def stamp(seconds_since_epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(seconds_since_epoch))
+
+
+def seconds(state_stamp: str) -> float:
+    return time.mktime(time.strptime(state_stamp, "%Y-%m-%dT%H:%M:%S"))
+
 
 def command(runs: Path, cache: Path, *extra: str) -> list[str]:
     return [sys.executable, "train.py", *ARGUMENTS, f"runs_root={runs}", f"cache_dir={cache}", *extra]
@@ -51,6 +61,7 @@ def test_interrupted_at_several_moments_then_resumed_ends_as_an_uninterrupted_ru
     assert killed.returncode == -signal.SIGKILL
     (run_dir,) = [path.parent for path in runs.glob("*/*/config.yaml")]
     first_state = json.loads((run_dir / "state.json").read_text())
+    first_checkpoint = stamp(next(run_dir.glob("sft/checkpoint/trainer_state.pt")).stat().st_mtime)
     assert first_state["state"] == "running"  # killed: never recorded an end
 
     resume = command(runs, shared_cache, "resume=true")
@@ -72,6 +83,7 @@ def test_interrupted_at_several_moments_then_resumed_ends_as_an_uninterrupted_ru
     failed_start = run_dir.with_name("9999-12-31_23-59-59")
     failed_start.mkdir()
     shutil.copy(run_dir / "config.yaml", failed_start / "config.yaml")
+    time.sleep(WAIT_BEFORE_RESUME)  # as a preempted job waits in the queue: not part of the run's time
     # checkpointing more often from here: how often a run saves is not part of what it computes
     finished = subprocess.run([*resume, "train.save_every=32"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr[-2000:]
@@ -82,7 +94,14 @@ def test_interrupted_at_several_moments_then_resumed_ends_as_an_uninterrupted_ru
     assert sorted(runs.glob("*/*")) == [run_dir, failed_start]  # the resuming launches left no folders of their own
     final_state = json.loads((run_dir / "state.json").read_text())
     assert final_state["state"] == "finished"
-    assert final_state["started"] == first_state["started"]  # the wall time counts from the first launch
+    assert final_state["started"] == first_state["started"] == final_state["launches"][0][0]
+    # four launches, the killed ones counted up to the last work they saved, the wait before the last one not at all
+    checkpointed = first_state["launches"][0][1]
+    assert checkpointed == first_state["updated"] and checkpointed >= first_checkpoint
+    assert [launch[0] for launch in final_state["launches"][1:]] == sorted(launch[0] for launch in final_state["launches"][1:])
+    assert len(final_state["launches"]) == 4
+    ran = sum(seconds(end) - seconds(start) for start, end in final_state["launches"])
+    assert ran <= seconds(final_state["updated"]) - seconds(final_state["started"]) - (WAIT_BEFORE_RESUME - 1)
 
     (straight_dir,) = [path.parent for path in (tmp_path / "straight").glob("*/*/config.yaml")]
     for stage in ("sft", "align"):

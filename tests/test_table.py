@@ -162,6 +162,16 @@ def test_wall_time_is_the_runs_own_record_not_a_file_time(sweep, tmp_path):
     assert read_run(copied).wall_s == 1800
 
 
+def test_wall_time_is_the_sum_of_the_launches_not_the_wait_between_them(sweep):
+    """A run stopped (preempted) and resumed three hours later ran 30 + 10 minutes, not 3 h 10."""
+    folder = sweep / "0_rpo_tiny"
+    state = json.loads((folder / "state.json").read_text())
+    launches = [["2026-12-03T08:00:00", "2026-12-03T08:30:00"], ["2026-12-03T11:00:00", "2026-12-03T11:10:00"]]
+    (folder / "state.json").write_text(json.dumps({**state, "started": "2026-12-03T08:00:00", "updated": "2026-12-03T11:10:00",
+                                                   "launches": launches}))
+    assert read_run(folder).wall_s == 2400
+
+
 def test_the_command_line_prints_the_table_and_refuses_a_missing_folder(sweep, tmp_path):
     command = [sys.executable, "-m", "eval.table"]
     result = subprocess.run([*command, str(sweep)], cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -54,6 +54,7 @@ from utils import (
     on_main_process,
     packed_response_logps,
     positive_int,
+    record_progress,
     response_logps,
     rng_state,
     seed_everything,
@@ -1127,6 +1128,7 @@ class BasicTrainer:
         if is_main_process():
             atomic_torch_save(state, staging / "trainer_state.pt")
             write_checksums(staging)
+            record_progress(self.stage_dir.parent)  # the run folder's state.json: this launch ran until here (utils)
             self.swap_into_place(staging, self.stage_dir / "checkpoint", keep_previous=True)
         barrier()
         self.checkpointed_at = self.examples
@@ -1215,6 +1217,7 @@ class BasicTrainer:
         if is_main_process():
             (staging / "result.json").write_text(json.dumps(result, indent=2))
             write_checksums(staging)
+            record_progress(self.stage_dir.parent)
             self.swap_into_place(staging, self.stage_dir / "final")
             for checkpoint in ("checkpoint", "checkpoint.previous"):
                 shutil.rmtree(self.stage_dir / checkpoint, ignore_errors=True)
