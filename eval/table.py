@@ -6,10 +6,11 @@
 
 Each run gives its overrides (the command-line ones, `.hydra/overrides.yaml`), its seed, the last
 stage's final held-out loss, reward accuracy and margin, preference accuracy and chosen log-prob
-(or those of its latest re-evaluation by `python -m eval.heldout`, named below the table),
-its wall time and, where it was judged (`eval.after_training`), its win rates, plain and with ties
-counted half (`summary.json`). Runs that differ only in `seed` form a group: mean, sample standard
-deviation, 95 % interval of the mean (Student's t) and count. A sweep folder's expected jobs come
+(or those of its latest re-evaluation by `python -m eval.heldout`, named below the table), its
+step time (the last stage's training steps) and wall time and, where it was judged
+(`eval.after_training`), its win rates, plain and with ties counted half (`summary.json`). Runs
+that differ only in `seed` form a group: mean, sample standard deviation, 95 % interval of the
+mean (Student's t) and count. A sweep folder's expected jobs come
 from its `multirun.yaml`, so a job that failed, was stopped or never started is a row that says so,
 never a silent gap. Where the runs' paper compares rows head to head (its `paper.published` has
 "A vs B" entries, as the Sr paper's MT-Bench tables) and the runs were judged by the `rules` judge
@@ -66,6 +67,7 @@ class Run:
     seed: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     wall_s: float | None = None
+    step_s: float | None = None  # the last stage's training steps, summed (no evaluations, loading or earlier stages)
     curves: list[dict] = field(default_factory=list)
     judge: str | None = None  # the judge of its evaluation after training
     reevaluated: str | None = None  # when `python -m eval.heldout` scored it again (its figures replace the recorded ones)
@@ -132,7 +134,17 @@ def read_run(folder: Path) -> Run:
     metrics_file = folder / "metrics.jsonl"
     if metrics_file.exists():
         run.curves = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    if run.state == "finished" and summary_file.exists():
+        run.step_s = step_time(run.curves, list(summary["stages"])[-1])
     return run
+
+
+def step_time(curves: Sequence[dict], stage: str) -> float | None:
+    """Seconds the stage's training steps took (each step's `seconds` in metrics.jsonl): what the
+    compared method costs, apart from the SFT model and reference log-probs that the first run of a
+    seed makes and its other runs reuse, and apart from evaluations."""
+    seconds = [record["seconds"] for record in curves if record.get("stage") == stage and "seconds" in record]
+    return sum(seconds) if seconds else None
 
 
 def wall_time(state: dict, config_file: Path) -> float | None:
@@ -259,6 +271,11 @@ def common_overrides(runs: Sequence[Run]) -> list[str]:
     return [o for o in runs[0].setting if o in shared] if runs else []
 
 
+def mean_time(seconds: Sequence[float | None]) -> float | None:
+    known = [value for value in seconds if value is not None]
+    return statistics.fmean(known) if known else None
+
+
 def wall(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -280,20 +297,21 @@ def markdown(runs: Sequence[Run], groups: Sequence[Group], versus: Sequence[Head
     and the runs that did not finish."""
     names, keys, common = metric_names(runs), swept_keys(runs), common_overrides(runs)
     lines = [f"Overrides of every run: {' '.join(common) or '(none)'}", ""] if common and keys else []
-    lines += ["| setting | runs finished | " + " | ".join(names) + " | wall time |", "|---|---:|" + "---:|" * (len(names) + 1)]
+    lines += ["| setting | runs finished | " + " | ".join(names) + " | step time | wall time |", "|---|---:|" + "---:|" * (len(names) + 2)]
     for group in groups:
         cells = [setting_cell(group, n) for n in names]
-        walls = [run.wall_s for run in group.finished if run.wall_s is not None]
+        times = [mean_time([getattr(run, kind) for run in group.finished]) for kind in ("step_s", "wall_s")]
         shown = label(group.setting, keys if keys else None)
         lines.append(f"| {shown} | {len(group.finished)} / {len(group.runs)} | " + " | ".join(cells)
-                     + f" | {wall(statistics.fmean(walls) if walls else None)} |")
+                     + "".join(f" | {wall(t)}" for t in times) + " |")
     if versus:
         lines += head_to_head_markdown(versus)
-    lines += ["", "| run | seed | state | " + " | ".join(names) + " | wall time |", "|---|---:|---|" + "---:|" * (len(names) + 1)]
+    lines += ["", "| run | seed | state | " + " | ".join(names) + " | step time | wall time |",
+              "|---|---:|---|" + "---:|" * (len(names) + 2)]
     for run in runs:
         cells = [f"{run.metrics[n]:.4f}" if n in run.metrics else "-" for n in names]
         lines.append(f"| {run.folder or label(run.overrides)} | {'-' if run.seed is None else run.seed} | {run.state} | "
-                     + " | ".join(cells) + f" | {wall(run.wall_s)} |")
+                     + " | ".join(cells) + f" | {wall(run.step_s)} | {wall(run.wall_s)} |")
     reevaluated = [run for run in runs if run.reevaluated]
     if reevaluated:
         lines += ["", f"Held-out figures of a later evaluation (`python -m eval.heldout`) in place of those recorded, for "
@@ -408,9 +426,9 @@ def write_csv(path: Path, header: list[str], rows: Iterable[list]) -> None:
 
 def write_tables(runs: Sequence[Run], groups: Sequence[Group], out: Path, versus: Sequence[HeadToHead] = ()) -> None:
     names = metric_names(runs)
-    write_csv(out / "runs.csv", ["run", "overrides", "seed", "state", *names, "wall_s"],
+    write_csv(out / "runs.csv", ["run", "overrides", "seed", "state", *names, "step_s", "wall_s"],
               ([str(run.folder or ""), " ".join(run.overrides), run.seed, run.state, *(run.metrics.get(n, "") for n in names),
-                run.wall_s if run.wall_s is not None else ""] for run in runs))
+                *("" if value is None else value for value in (run.step_s, run.wall_s))] for run in runs))
     columns = [f"{n} {statistic}" for n in names for statistic in ("mean", "sd", "ci95 low", "ci95 high", "min", "max", "n")]
     rows = []
     for group in groups:

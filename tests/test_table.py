@@ -40,8 +40,9 @@ def write_job(sweep: Path, number: int, tau: str, seed: int, extra: tuple[str, .
         summary["judged"] = {"align vs chosen": {"win_rate": {"rate": accuracy / 4}, "win_rate_ties_half": {"rate": accuracy / 2}}}
     (folder / "summary.json").write_text(json.dumps(summary))
     (folder / "state.json").write_text(json.dumps({"state": "finished", "updated": "2026-12-03T10:00:00"}))
-    records = [{"stage": "sft", "examples": 8, "loss": 2.0}, {"stage": "align", "examples": 0, "eval/rewards/accuracy": 0.0},
-               {"stage": "align", "examples": 8, "loss": 0.6, "eval/loss": 0.7, "eval/rewards/accuracy": accuracy}]
+    records = [{"stage": "sft", "examples": 8, "loss": 2.0, "seconds": 100.0},
+               {"stage": "align", "examples": 0, "eval/rewards/accuracy": 0.0},
+               {"stage": "align", "examples": 8, "loss": 0.6, "eval/loss": 0.7, "eval/rewards/accuracy": accuracy, "seconds": 20.0 + seed}]
     (folder / "metrics.jsonl").write_text("\n".join(map(json.dumps, records)) + "\n")
 
 
@@ -160,6 +161,16 @@ def test_wall_time_is_the_runs_own_record_not_a_file_time(sweep, tmp_path):
     os.utime(copied / "config.yaml", (0, time.mktime(time.strptime("2026-12-03T09:30:00", "%Y-%m-%dT%H:%M:%S"))))
     (copied / "state.json").write_text(json.dumps(state))
     assert read_run(copied).wall_s == 1800
+
+
+def test_step_time_is_the_last_stages_training_steps_alone(sweep, tmp_path):
+    """What the compared method costs: the SFT stage (trained by one run of a seed, reused by the
+    others) and the evaluations are left out."""
+    assert read_run(sweep / "0_rpo_tiny").step_s == 20.0
+    build_table([sweep], tmp_path / "out")
+    assert [row["step_s"] for row in rows(tmp_path / "out" / "runs.csv")] == ["20.0", "21.0", "22.0", "20.0", "", ""]
+    assert "| loss.tau=0.25 | 3 / 3 |" in (tmp_path / "out" / "table.md").read_text()
+    assert "| 21 s | " in (tmp_path / "out" / "table.md").read_text()  # the mean of the setting's three runs
 
 
 def test_wall_time_is_the_sum_of_the_launches_not_the_wait_between_them(sweep):
