@@ -276,7 +276,7 @@ def mean_time(seconds: Sequence[float | None]) -> float | None:
     return statistics.fmean(known) if known else None
 
 
-def wall(seconds: float | None) -> str:
+def duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
@@ -303,7 +303,7 @@ def markdown(runs: Sequence[Run], groups: Sequence[Group], versus: Sequence[Head
         times = [mean_time([getattr(run, kind) for run in group.finished]) for kind in ("step_s", "wall_s")]
         shown = label(group.setting, keys if keys else None)
         lines.append(f"| {shown} | {len(group.finished)} / {len(group.runs)} | " + " | ".join(cells)
-                     + "".join(f" | {wall(t)}" for t in times) + " |")
+                     + "".join(f" | {duration(t)}" for t in times) + " |")
     if versus:
         lines += head_to_head_markdown(versus)
     lines += ["", "| run | seed | state | " + " | ".join(names) + " | step time | wall time |",
@@ -311,7 +311,7 @@ def markdown(runs: Sequence[Run], groups: Sequence[Group], versus: Sequence[Head
     for run in runs:
         cells = [f"{run.metrics[n]:.4f}" if n in run.metrics else "-" for n in names]
         lines.append(f"| {run.folder or label(run.overrides)} | {'-' if run.seed is None else run.seed} | {run.state} | "
-                     + " | ".join(cells) + f" | {wall(run.step_s)} | {wall(run.wall_s)} |")
+                     + " | ".join(cells) + f" | {duration(run.step_s)} | {duration(run.wall_s)} |")
     reevaluated = [run for run in runs if run.reevaluated]
     if reevaluated:
         lines += ["", f"Held-out figures of a later evaluation (`python -m eval.heldout`) in place of those recorded, for "
