@@ -38,12 +38,15 @@ def run_state(run_dir: Path) -> str | None:
 
 
 def claim(locks: Path, name: str) -> bool:
-    """Take a row unless a living worker holds it (a dead worker's lock is taken over)."""
+    """Take a row unless another living worker holds it (a dead worker's lock is taken over; a row
+    this worker holds and is back at failed once, and is tried again)."""
     lock = locks / f"{name}.lock"
     if lock.exists():
         try:
-            os.kill(int(lock.read_text()), 0)
-            return False
+            holder = int(lock.read_text())
+            if holder != os.getpid():
+                os.kill(holder, 0)
+                return False
         except (OSError, ValueError):
             pass
     lock.write_text(str(os.getpid()))
