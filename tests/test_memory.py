@@ -260,3 +260,55 @@ def test_activation_checkpointing_recomputes_each_block_and_trains_the_same(make
     expected, found = dict(plain.policy.named_parameters()), dict(checkpointed.policy.named_parameters())
     assert not all(torch.equal(before[name], expected[name]) for name in before)  # the step moved the weights
     assert all(torch.allclose(expected[name], found[name], rtol=0, atol=1e-6) for name in expected)
+
+
+def write_files(folder, files: dict[str, str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name).write_text(text)
+
+
+def v2_level(limit: str, charged: int, cache: int) -> dict[str, str]:
+    return {"memory.max": limit, "memory.current": str(charged), "memory.stat": f"anon {charged - cache}\ninactive_file {cache}\n"}
+
+
+@pytest.mark.parametrize("namespaced", [False, True])
+def test_cgroup_v2_limits_the_cpu_budget_at_its_tightest_level(tmp_path, monkeypatch, namespaced):
+    """A SLURM job (or a container) of 8 GB on a host with 100 GB available: auto budgets from the
+    job's room, not the host's. The tightest level counts (the job's, above the step's), page cache
+    counts as room; inside a cgroup namespace the process's path names the host's tree, not the mount's."""
+    root, proc = tmp_path / "cgroup", tmp_path / "cgroup_of_self"
+    write_files(root, {"cgroup.controllers": "cpu memory", "memory.stat": "anon 0\n"})  # the root has no memory.max
+    job = root / "" if namespaced else root / "slurm" / "job_7"
+    write_files(job, v2_level(str(int(8 * GB)), int(5 * GB), int(1 * GB)))  # room 8 - 5 + 1 = 4 GB
+    if not namespaced:
+        write_files(job / "step_0", v2_level("max", int(5 * GB), 0))
+    proc.write_text("0::/slurm/job_7/step_0\n")
+    monkeypatch.setattr(trainers.memory, "CGROUP_ROOT", root)
+    monkeypatch.setattr(trainers.memory, "PROC_CGROUP", proc)
+    monkeypatch.setattr(trainers.memory, "_meminfo_kb", lambda field: int(100 * GB))
+    assert trainers.memory.cgroup_room() == int(4 * GB)
+    assert trainers.memory.free_memory(torch.device("cpu")) == int(4 * GB)
+    write_files(job, {"memory.max": "max"})  # no limit anywhere: the host's MemAvailable
+    assert trainers.memory.cgroup_room() is None
+    assert trainers.memory.free_memory(torch.device("cpu")) == int(100 * GB)
+
+
+def test_cgroup_v1_limits_the_cpu_budget_with_its_parents_limit(tmp_path, monkeypatch):
+    """cgroup v1 (this machine's kind): memory.stat's hierarchical_memory_limit is the tightest of
+    the cgroup's and its parents' limits; unreadable files leave the host's MemAvailable."""
+    root, proc = tmp_path / "cgroup", tmp_path / "cgroup_of_self"
+    folder = root / "memory" / "job_7"
+    write_files(folder, {"memory.stat": f"cache 9\nhierarchical_memory_limit {int(6 * GB)}\ntotal_inactive_file {int(0.5 * GB)}\n",
+                         "memory.usage_in_bytes": str(int(3 * GB))})
+    proc.write_text("5:devices:/job_7\n4:memory:/job_7\n0::/\n")
+    monkeypatch.setattr(trainers.memory, "CGROUP_ROOT", root)
+    monkeypatch.setattr(trainers.memory, "PROC_CGROUP", proc)
+    monkeypatch.setattr(trainers.memory, "_meminfo_kb", lambda field: int(100 * GB))
+    assert trainers.memory.free_memory(torch.device("cpu")) == int(3.5 * GB)
+    budget = trainers.memory.memory_budget("auto", torch.device("cpu"))
+    assert budget == pytest.approx(trainers.memory.in_use(torch.device("cpu")) + 0.8 * 3.5 * GB, abs=0.05 * GB)
+    write_files(folder, {"memory.stat": "hierarchical_memory_limit 9223372036854771712\n"})
+    assert trainers.memory.cgroup_room() is None
+    (folder / "memory.stat").write_text("not a stat file")
+    assert trainers.memory.free_memory(torch.device("cpu")) == int(100 * GB)

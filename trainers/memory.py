@@ -33,6 +33,8 @@ SAFE_SHARE = {"cpu": 0.8, "cuda": 0.9}
 LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
 HEADROOM = 256 * 2**20  # allowed beyond the budget under the probes' limit: thread stacks, allocator arenas
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)
+PROC_CGROUP, CGROUP_ROOT = Path("/proc/self/cgroup"), Path("/sys/fs/cgroup")
+V1_NO_LIMIT = 2**62  # cgroup v1 writes "no limit" as the largest page count in bytes (about 2**63)
 OPTIMIZER_STATES = {"rmsprop": 1, "adamw": 2, "sgd": 0}  # fp32 tensors per parameter (square_avg; exp_avg, exp_avg_sq)
 
 
@@ -68,10 +70,64 @@ def keep_large_blocks_in_heap() -> None:
 
 
 def free_memory(device: torch.device) -> int:
-    """Bytes the device can still give: the kernel's MemAvailable on the CPU, free GPU memory."""
+    """Bytes the device can still give: free GPU memory; on the CPU the kernel's MemAvailable, or
+    less where this process's memory cgroup has a limit (`cgroup_room`)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    return _meminfo_kb("MemAvailable")
+    available, room = _meminfo_kb("MemAvailable"), cgroup_room()
+    return available if room is None else min(available, room)
+
+
+def cgroup_room() -> int | None:
+    """Bytes this process's memory cgroup can still take where it or a parent has a limit: a SLURM
+    job's or a container's share of the host, which MemAvailable does not know (a budget from it
+    alone gets the job killed). The tightest limit less what is charged to it, reclaimable page
+    cache counted as room; None where there is no limit or the files cannot be read."""
+    try:
+        lines = PROC_CGROUP.read_text().splitlines()
+        rooms = []
+        for line in lines:
+            _, controllers, path = line.split(":", 2)
+            if controllers == "":  # cgroup v2: every level below the mount may set memory.max
+                mount = CGROUP_ROOT if (CGROUP_ROOT / "cgroup.controllers").exists() else CGROUP_ROOT / "unified"
+                folder = _cgroup_folder(mount, path)
+                rooms += [room for level in (folder, *folder.parents) if level.is_relative_to(mount)
+                          and (room := _v2_room(level)) is not None]
+            elif "memory" in controllers.split(","):  # cgroup v1: the stat file gives the limit with the parents'
+                room = _v1_room(_cgroup_folder(CGROUP_ROOT / "memory", path))
+                rooms += [room] if room is not None else []
+        return min(rooms) if rooms else None
+    except (OSError, ValueError):
+        return None
+
+
+def _cgroup_folder(mount: Path, path: str) -> Path:
+    """The cgroup's folder; the mount itself inside a cgroup namespace (a container), where the
+    path names a folder of the host's tree."""
+    folder = mount / path.lstrip("/")
+    return folder if folder.is_dir() else mount
+
+
+def _memory_stat(folder: Path) -> dict[str, int]:
+    return {key: int(value) for key, value in (line.split() for line in (folder / "memory.stat").read_text().splitlines())}
+
+
+def _v2_room(folder: Path) -> int | None:
+    limit_file = folder / "memory.max"
+    if not limit_file.exists() or limit_file.read_text().strip() == "max":
+        return None
+    charged = int((folder / "memory.current").read_text())
+    return int(limit_file.read_text()) - charged + _memory_stat(folder).get("inactive_file", 0)
+
+
+def _v1_room(folder: Path) -> int | None:
+    if not (folder / "memory.stat").exists():
+        return None
+    stat = _memory_stat(folder)
+    limit = stat.get("hierarchical_memory_limit", V1_NO_LIMIT)
+    if limit >= V1_NO_LIMIT:
+        return None
+    return limit - int((folder / "memory.usage_in_bytes").read_text()) + stat.get("total_inactive_file", 0)
 
 
 def _meminfo_kb(field: str) -> int:
