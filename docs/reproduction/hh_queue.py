@@ -68,12 +68,32 @@ def copy_record(run_dir: Path, record: Path) -> None:
     staging.rename(record)
 
 
+def memory_cgroup(worker: str, limit_gb: float) -> Path | None:
+    """A cgroup v1 memory cgroup beside this process's, limited to `limit_gb`, for the rows of
+    large batches (RPO Table 3's, 16-64 pairs a step): their `memory_budget: auto` reads the room
+    under it, so two workers' rows cannot together outgrow the machine. None where it cannot be made
+    (no v1 memory controller, not root): the rows then run as the others do."""
+    try:
+        own = next(line.split(":", 2)[2] for line in Path("/proc/self/cgroup").read_text().splitlines()
+                   if "memory" in line.split(":", 2)[1].split(","))
+        folder = Path("/sys/fs/cgroup/memory") / own.lstrip("/") / f"hh_queue_{worker}"
+        folder.mkdir(exist_ok=True)
+        (folder / "memory.limit_in_bytes").write_text(str(int(limit_gb * 1e9)))
+        return folder
+    except (OSError, StopIteration):
+        return None
+
+
 def run_row(args: argparse.Namespace, preset: str, group: str, row: str, seed: int, run_dir: Path) -> int:
     command = [sys.executable, "train.py", f"+experiment={preset}", f"seed={seed}", f"row/{group}={row}",
                f"runs_root={args.runs}", f"hydra.run.dir={run_dir}", "train.save_every=128"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PREFOPT_CACHE": str(args.cache)}
+    cgroup = memory_cgroup(args.worker, args.memory_limit) if group == "rpo_group" else None
+    enter = (lambda: (cgroup / "cgroup.procs").write_text(str(os.getpid()))) if cgroup else None
     with open(args.runs / f"{preset}_{run_dir.name}.log", "a") as log:
-        return subprocess.call(command, cwd=args.code, env=env, stdout=log, stderr=subprocess.STDOUT)
+        log.write(f"memory cgroup: {cgroup} ({args.memory_limit} GB)\n" if cgroup else "")
+        log.flush()
+        return subprocess.call(command, cwd=args.code, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=enter)
 
 
 def next_row(args: argparse.Namespace, failures: dict[Path, int]) -> tuple[str, str, str, int] | None:
@@ -116,6 +136,8 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path("/work/repro/hh"), help="where the run folders and logs go")
     parser.add_argument("--cache", type=Path, default=Path("/work/repro/cache"), help="PREFOPT_CACHE: SFT models, reference log-probs")
     parser.add_argument("--code", type=Path, default=Path("/work/repro/code"), help="a copy of this repository to run from")
+    parser.add_argument("--memory-limit", type=float, default=11.0,
+                        help="GB for each worker's Table 3 rows (a memory cgroup; half a 24 GB machine, less the system's)")
     work(parser.parse_args())
 
 
