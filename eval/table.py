@@ -110,7 +110,7 @@ def latest_reevaluation(folder: Path, summary: dict) -> dict | None:
 
 
 def read_run(folder: Path) -> Run:
-    """A run folder's overrides, state, seed, final metrics, wall time and metric records."""
+    """A run folder's overrides, state, seed, final metrics, step and wall time and metric records."""
     overrides_file = folder / ".hydra" / "overrides.yaml"
     overrides = list(OmegaConf.load(overrides_file)) if overrides_file.exists() else []
     state_file, config_file = folder / "state.json", folder / "config.yaml"
@@ -120,7 +120,9 @@ def read_run(folder: Path) -> Run:
         config = OmegaConf.load(config_file)
         run.seed = config.get("seed")
         run.published = OmegaConf.to_container(OmegaConf.select(config, "paper.published", default=None) or OmegaConf.create({}))
-    summary_file = folder / "summary.json"
+    metrics_file, summary_file = folder / "metrics.jsonl", folder / "summary.json"
+    if metrics_file.exists():
+        run.curves = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
     if run.state == "finished" and summary_file.exists():
         summary = json.loads(summary_file.read_text())
         run.metrics = run_metrics(summary)
@@ -131,10 +133,6 @@ def read_run(folder: Path) -> Run:
             run.reevaluated = reevaluation["evaluated_at"]
         run.judge = next((judged.get("judge") for judged in summary.get("judged", {}).values()), None)
         run.wall_s = wall_time(state, config_file)
-    metrics_file = folder / "metrics.jsonl"
-    if metrics_file.exists():
-        run.curves = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-    if run.state == "finished" and summary_file.exists():
         run.step_s = step_time(run.curves, list(summary["stages"])[-1])
     return run
 

@@ -114,10 +114,11 @@ def _memory_stat(folder: Path) -> dict[str, int]:
 
 def _v2_room(folder: Path) -> int | None:
     limit_file = folder / "memory.max"
-    if not limit_file.exists() or limit_file.read_text().strip() == "max":
+    limit = limit_file.read_text().strip() if limit_file.exists() else "max"
+    if limit == "max":
         return None
     charged = int((folder / "memory.current").read_text())
-    return int(limit_file.read_text()) - charged + _memory_stat(folder).get("inactive_file", 0)
+    return int(limit) - charged + _memory_stat(folder).get("inactive_file", 0)
 
 
 def _v1_room(folder: Path) -> int | None:
