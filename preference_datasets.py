@@ -22,7 +22,7 @@ from typing import TypeVar
 
 import torch
 
-from utils import pad_to_longest
+from utils import PADDING, SHARED_PREFIX, pad_to_longest
 
 Messages = list[dict[str, str]]
 SPLITS = ("train", "test")
@@ -822,44 +822,85 @@ def collate_sequences(prompts: Sequence[list[int]], responses: Sequence[list[int
     }
 
 
-def pack_sequences(prompts: Sequence[list[int]], responses: Sequence[Sequence[list[int]]], pad_id: int) -> dict:
+def shared_prefix_length(prompts: Sequence[list[int]]) -> int:
+    """How many leading tokens all of several prompts share (a chat template's header, the
+    self-refinement prompt p): at most all but the last token of the shortest, which must stay in
+    its segment to predict its responses' first tokens. 0 for a single prompt or an empty one."""
+    if len(prompts) < 2 or not min(map(len, prompts)):
+        return 0
+    first, limit = prompts[0], min(map(len, prompts)) - 1
+    return next((n for n in range(limit) if any(p[n] != first[n] for p in prompts)), limit)
+
+
+def fill_rows(lengths: Sequence[int], room: int) -> list[list[int]]:
+    """Segments (by index) in rows of `room` tokens: longest first, each in the first row with room."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for s in sorted(range(len(lengths)), key=lambda s: -lengths[s]):
+        row = next((r for r, left in enumerate(free) if left >= lengths[s]), None)
+        if row is None:
+            rows.append([])
+            free.append(room)
+            row = len(rows) - 1
+        rows[row].append(s)
+        free[row] -= lengths[s]
+    return rows
+
+
+def row_layout(lengths: Sequence[int], prefix: int, position_cost: float) -> tuple[int, list[list[int]]]:
+    """The row width and the rows of the cheapest packing of segments of `lengths` behind a shared
+    prefix of `prefix` tokens. Without a prefix, or a `position_cost` of 0, rows are as long as the
+    longest segment. Otherwise widths fitting 1 to all segments of the longest's length are tried,
+    each costing rows x (width x position_cost + width^2): a position's work outside attention, and
+    the attention over a row, whose mask makes every position score every other."""
+    layouts = [(prefix + max(lengths), fill_rows(lengths, max(lengths)))]
+    while prefix and position_cost and len(layouts[-1][1]) > 1:  # wider rows than one that holds all cost more
+        room = (len(layouts) + 1) * max(lengths)
+        layouts.append((prefix + room, fill_rows(lengths, room)))
+    return min(layouts, key=lambda layout: len(layout[1]) * (layout[0] * position_cost + layout[0] ** 2))
+
+
+def pack_sequences(
+    prompts: Sequence[list[int]], responses: Sequence[Sequence[list[int]]], pad_id: int, position_cost: float = 0
+) -> dict:
     """Prompts and their responses laid out for one forward that computes each prompt once and no
     padding between sequences: what `utils.packed_response_logps` scores.
 
     Segment s is prompt s followed by its responses (a pair's chosen and rejected, or one response).
     Each response attends to its prompt and to itself, never to a sibling, and its position ids
     continue from the prompt's end, so its log-prob is that of prompt + response alone. Segments
-    are packed into rows as long as the longest segment (longest first, first row with room).
+    are packed into rows (longest first, first row with room) as long as the longest segment.
     Sequence k * len(prompts) + s is segment s's response k (pairs: chosen first, then rejected).
 
-    Returns input_ids, position_ids, segment (-1: padding) and part (0: prompt, k + 1: response k)
-    [rows, width]; for every response token, the flattened position that predicts it (predict_at),
-    the token (targets) and its sequence (owners); the number of sequences and of the tokens the
-    padded layout would hold (`tokens`, the work a step does whatever its layout).
+    The tokens every prompt starts with (`shared_prefix_length`: a chat template's header, the
+    self-refinement prompt) are computed once per row, at its start (segment `SHARED_PREFIX`), and
+    each segment attends to them before its own tokens. Rows may then be wider, so that more
+    segments share one prefix: `row_layout` picks the width by `position_cost`.
+
+    Returns input_ids, position_ids, segment (-1: padding, -2: shared prefix) and part (0: prompt,
+    k + 1: response k) [rows, width]; for every response token, the flattened position that predicts
+    it (predict_at), the token (targets) and its sequence (owners); the number of sequences and of
+    the tokens the padded layout would hold (`tokens`, the work a step does whatever its layout).
     """
-    lengths = [len(p) + sum(map(len, rs)) for p, rs in zip(prompts, responses, strict=True)]
-    width = max(lengths)
-    rows: list[list[int]] = []  # segments of each row
-    room: list[int] = []
-    for s in sorted(range(len(prompts)), key=lambda s: -lengths[s]):
-        row = next((r for r, free in enumerate(room) if free >= lengths[s]), None)
-        if row is None:
-            rows.append([])
-            room.append(width)
-            row = len(rows) - 1
-        rows[row].append(s)
-        room[row] -= lengths[s]
+    prefix = prompts[0][: shared_prefix_length(prompts)]
+    rests = [p[len(prefix) :] for p in prompts]
+    lengths = [len(p) + sum(map(len, rs)) for p, rs in zip(rests, responses, strict=True)]
+    width, rows = row_layout(lengths, len(prefix), position_cost)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    segment = torch.full((len(rows), width), -1, dtype=torch.long)
+    segment = torch.full((len(rows), width), PADDING, dtype=torch.long)
     part = torch.full((len(rows), width), -1, dtype=torch.long)
     predict_at, targets, owners = [], [], []
     for r, members in enumerate(rows):
-        start = 0
+        input_ids[r, : len(prefix)] = torch.tensor(prefix, dtype=torch.long)
+        position_ids[r, : len(prefix)] = torch.arange(len(prefix))
+        segment[r, : len(prefix)], part[r, : len(prefix)] = SHARED_PREFIX, 0
+        start = len(prefix)
         for s in members:
-            prompt = prompts[s]
+            prompt = rests[s]
             prompt_end = r * width + start + len(prompt) - 1  # predicts each response's first token
-            pieces = [(prompt, 0, 0)] + [(response, len(prompt), k + 1) for k, response in enumerate(responses[s])]
+            after_prompt = len(prefix) + len(prompt)
+            pieces = [(prompt, len(prefix), 0)] + [(response, after_prompt, k + 1) for k, response in enumerate(responses[s])]
             for tokens, first_position, piece in pieces:
                 end = start + len(tokens)
                 input_ids[r, start:end] = torch.tensor(tokens, dtype=torch.long)
@@ -885,26 +926,34 @@ def pack_sequences(prompts: Sequence[list[int]], responses: Sequence[Sequence[li
 
 
 def collate(
-    examples: Sequence[TokenizedPair], indices: Sequence[int], pad_id: int, with_rejected: bool = True, packed: bool = False
+    examples: Sequence[TokenizedPair],
+    indices: Sequence[int],
+    pad_id: int,
+    with_rejected: bool = True,
+    packed: bool = False,
+    position_cost: float = 0,
 ) -> dict:
     """One batch of pairs: chosen sequences first, then rejected ones, for ONE concatenated forward
-    (`packed`: each prompt once, see `pack_sequences`)."""
+    (`packed`: each prompt once, see `pack_sequences`, with `position_cost`)."""
     index = {"index": torch.tensor(list(indices), dtype=torch.long)}
     if packed:
         responses = [[e.chosen, e.rejected] if with_rejected else [e.chosen] for e in examples]
-        return {**pack_sequences([e.prompt for e in examples], responses, pad_id), **index}
+        return {**pack_sequences([e.prompt for e in examples], responses, pad_id, position_cost), **index}
     responses = [e.chosen for e in examples] + ([e.rejected for e in examples] if with_rejected else [])
     prompts = [e.prompt for e in examples] * (2 if with_rejected else 1)
     return {**collate_sequences(prompts, responses, pad_id), **index}
 
 
-def collate_items(items: Sequence[TokenizedResponse], indices: Sequence[int], pad_id: int, packed: bool = False) -> dict:
-    """One batch of unpaired items (desirable ones first), with their mismatched KL sequences."""
+def collate_items(
+    items: Sequence[TokenizedResponse], indices: Sequence[int], pad_id: int, packed: bool = False, position_cost: float = 0
+) -> dict:
+    """One batch of unpaired items (desirable ones first), with their mismatched KL sequences
+    (`packed`, `position_cost`: see `pack_sequences`)."""
     prompts = [item.prompt for item in items]
 
     def layout(responses: list[list[int]]) -> dict:
         if packed:
-            return pack_sequences(prompts, [[response] for response in responses], pad_id)
+            return pack_sequences(prompts, [[response] for response in responses], pad_id, position_cost)
         return collate_sequences(prompts, responses, pad_id)
 
     return {

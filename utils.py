@@ -374,6 +374,21 @@ def response_logps(
 
 
 PACKABLE_ATTENTION = ("sdpa", "eager")  # attention implementations that apply a custom 4D mask
+PADDING, SHARED_PREFIX = -1, -2  # `segment` of a packed row's padding and of the prefix all its segments share
+
+
+def position_cost(model: torch.nn.Module) -> float:
+    """A token position's work in a layer outside attention, in units of attention's work for one
+    (query, key) pair: the layer's weights (a multiply-add each) over the 2 x hidden size multiply-adds
+    of a pair's score and weighted value. About 6 x hidden size; `pack_sequences` weighs row widths by it.
+    0 under eager attention, which keeps every row's [heads, width, width] scores for the backward:
+    rows then stay as long as the longest segment, so memory grows with the batch, not its square."""
+    config = model.config
+    if config._attn_implementation == "eager":
+        return 0.0
+    embeddings = {id(p): p for m in (model.get_input_embeddings(), model.get_output_embeddings()) for p in m.parameters()}
+    layer_weights = (sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in embeddings.values())) / config.num_hidden_layers
+    return layer_weights / (2 * config.hidden_size)
 
 
 def packed_response_logps(
@@ -390,13 +405,15 @@ def packed_response_logps(
     """`response_logps` of `preference_datasets.pack_sequences`'s layout: each prompt is computed
     once for all of its responses and rows hold several segments, so no padding sits between them.
 
-    A token attends to the earlier tokens of its segment's prompt and of its own response (a 4D
-    boolean mask; padding attends to itself only, so no row of the softmax is empty)."""
+    A token attends to the earlier tokens of the row's shared prefix, of its segment's prompt and of
+    its own response (a 4D boolean mask; padding attends to itself only, so no row of the softmax
+    is empty)."""
     same_segment = segment.unsqueeze(2) == segment.unsqueeze(1)
     visible_part = (part.unsqueeze(1) == 0) | (part.unsqueeze(1) == part.unsqueeze(2))
+    shared = (segment.unsqueeze(1) == SHARED_PREFIX) & (segment.unsqueeze(2) != PADDING)
     width = input_ids.shape[1]
     causal = torch.ones(width, width, dtype=torch.bool, device=input_ids.device).tril()
-    mask = (same_segment & visible_part & causal) | torch.eye(width, dtype=torch.bool, device=input_ids.device)
+    mask = (((same_segment & visible_part) | shared) & causal) | torch.eye(width, dtype=torch.bool, device=input_ids.device)
     if model.config._attn_implementation == "eager":  # eager attention adds its mask to the scores
         dtype = model.get_output_embeddings().weight.dtype
         mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)

@@ -126,3 +126,24 @@ def test_a_stray_output_folder_removed_by_another_process_is_no_error(tmp_path, 
     monkeypatch.setattr(Path, "iterdir", removed_meanwhile)
     train.discard_stray_output(stray, tmp_path / "runs" / "dpo_tiny" / "2026-12-03_09-00-00")
     assert not stray.exists()
+
+
+def test_a_stop_during_the_reference_pass_ends_the_run_at_once(tmp_path, fresh_cache):
+    """SIGTERM while a stage computes its reference log-probs, which are kept only once the whole
+    pass ends: the run stops at once (not after the pass and a first step), says so, and is `stopped`."""
+    arguments = [sys.executable, "train.py", "model=tiny", "loss=dpo", "sft.enabled=false", "datasets=[hh]",
+                 "datasets.hh.path=../shared/data/hh-rlhf", "datasets.hh.subsets=[helpful-base]", "datasets.hh.max_train_examples=2000",
+                 "train.eval_batch_size=1", "eval.after_training=none", f"runs_root={tmp_path / 'runs'}", f"cache_dir={fresh_cache}"]
+    process = subprocess.Popen(arguments, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seen = b""
+    while b"reference log-probs (train)" not in seen:  # its progress bar: the pass has begun
+        chunk = process.stderr.read1(4096)
+        assert chunk, f"the run ended before its reference pass: {seen[-2000:]!r}"
+        seen += chunk
+    process.send_signal(signal.SIGTERM)
+    stderr = (seen + process.stderr.read()).decode()
+    assert process.wait(timeout=600) == 75, stderr[-2000:]
+    assert "SIGTERM received during the reference log-probs (train) pass: align stopped before its first step" in stderr
+    (state,) = (tmp_path / "runs").glob("*/*/state.json")
+    assert json.loads(state.read_text())["state"] == "stopped"
+    assert not list((fresh_cache / "reference_logps").glob("*.pt"))

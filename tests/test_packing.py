@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from preference_datasets import TokenizedPair, collate, pack_sequences
+from preference_datasets import TokenizedPair, collate, pack_sequences, shared_prefix_length
 from tests.conftest import build
-from utils import packed_response_logps, response_logps
+from utils import packed_response_logps, position_cost, response_logps
 
 # random-init model families the papers' presets use: Llama / Mistral (RPO), GPT-NeoX (Pythia, Sr),
 # Gemma 2 (SimPO + RPO: eager attention, logit soft-capping, alternating sliding-window layers)
@@ -103,6 +103,85 @@ def test_pack_sequences_layout():
         (2, 31, 0), (3, 32, 0), (2, 41, 2), (7, 51, 1), (7, 61, 3)
     ]
     assert batch["sequences"] == 4 and batch["tokens"] == 5 + 4 + 3 + 3
+
+
+def prefixed_pairs(count: int, seed: int) -> list[TokenizedPair]:
+    """`random_pairs` behind one 12-token header (a chat template's system turn, Sr's prompt p); one
+    prompt is the header and a single token, two are the same prompt."""
+    header = torch.randint(1, 97, (12,), generator=torch.Generator().manual_seed(seed + 100)).tolist()
+    pairs = [TokenizedPair(header + p.prompt, p.chosen, p.rejected) for p in random_pairs(count, seed)]
+    pairs[1] = TokenizedPair(header + [5], pairs[1].chosen, pairs[1].rejected)
+    pairs[2] = TokenizedPair(pairs[3].prompt, pairs[2].chosen, pairs[2].rejected)
+    return pairs
+
+
+def test_shared_prefix_length():
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 3]]) == 2  # the shortest keeps its last token
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 9, 4]]) == 2
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2
+    assert shared_prefix_length([[1, 2, 3]]) == 0  # nothing to share
+    assert shared_prefix_length([[1, 2], []]) == 0
+    assert shared_prefix_length([[7, 2], [1, 2]]) == 0
+
+
+def test_shared_prefix_layout():
+    """Prompts [1, 2, 3] and [1, 2, 4, 5] share [1, 2]: a row starts with it once (segment -2), the
+    segments follow, their positions continuing from it. Rows as long as the longest segment (7) take
+    two: one row of 12 is cheaper where a position's work outweighs attention's, not otherwise."""
+    prompts, responses = [[1, 2, 3], [1, 2, 4, 5]], [[[31], [41]], [[51, 52], [61]]]
+    batch = pack_sequences(prompts, responses, pad_id=0, position_cost=1e6)
+    assert batch["input_ids"].tolist() == [[1, 2, 4, 5, 51, 52, 61, 3, 31, 41, 0, 0]]
+    assert batch["segment"].tolist() == [[-2, -2, 1, 1, 1, 1, 1, 0, 0, 0, -1, -1]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 4, 2, 3, 3, 0, 0]]
+    assert batch["part"].tolist() == [[0, 0, 0, 0, 1, 1, 2, 0, 1, 2, -1, -1]]
+    assert list(zip(batch["predict_at"].tolist(), batch["targets"].tolist(), batch["owners"].tolist(), strict=True)) == [
+        (3, 51, 1), (4, 52, 1), (3, 61, 3), (7, 31, 0), (7, 41, 2)
+    ]
+    assert batch["tokens"] == 3 * 2 + 2 + 4 * 2 + 3  # what the padded layout computes
+    for cost in (0, 1):  # 2 x (7 x cost + 7^2) <= 12 x cost + 12^2
+        narrow = pack_sequences(prompts, responses, pad_id=0, position_cost=cost)
+        assert narrow["input_ids"].tolist() == [[1, 2, 4, 5, 51, 52, 61], [1, 2, 3, 31, 41, 0, 0]]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_shared_prefix_gives_each_sequence_run_alone(family):
+    model = tiny_model(family)
+    pairs = prefixed_pairs(7, seed=2)
+    packed = collate(pairs, range(7), pad_id=0, packed=True, position_cost=1e6)
+    assert len(packed["input_ids"]) == 1 and (packed["segment"] == -2).sum() == 12
+    with torch.no_grad():
+        logps, counts = packed_logps(model, packed)
+        expected = torch.stack([alone(model, p.prompt, p.chosen) for p in pairs] + [alone(model, p.prompt, p.rejected) for p in pairs])
+    torch.testing.assert_close(logps, expected, rtol=1e-5, atol=1e-5)
+    assert counts.tolist() == [len(p.chosen) for p in pairs] + [len(p.rejected) for p in pairs]
+
+
+@pytest.mark.parametrize("position_cost", [0, 1e6])
+def test_a_shared_prefix_gives_the_padded_layouts_gradients(position_cost):
+    pairs = prefixed_pairs(6, seed=3)
+    weights = torch.linspace(-1, 1, 12)
+    gradients = []
+    for packed in (False, True):
+        model = tiny_model("llama").train()
+        batch = collate(pairs, range(6), pad_id=0, packed=packed, position_cost=position_cost)
+        if packed:
+            assert (batch["segment"] == -2).any()
+            logps = packed_logps(model, batch)[0]
+        else:
+            logps = response_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])[0]
+        (weights * logps).sum().backward()
+        gradients.append({name: parameter.grad for name, parameter in model.named_parameters()})
+    for name, gradient in gradients[0].items():
+        assert (gradients[1][name] - gradient).abs().max() <= 1e-5 * gradient.abs().max(), name
+
+
+def test_position_cost():
+    """tiny llama: per layer q, o 64 x 64, k, v 64 x 32 (2 of 4 heads), MLP 3 x 64 x 128, two norms
+    of 64, and half the final norm; over 2 x 64 multiply-adds per attention pair. Eager: 0."""
+    model = tiny_model("llama")
+    assert position_cost(model) == pytest.approx((2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64 + 64 / 2) / (2 * 64))
+    model.config._attn_implementation = "eager"
+    assert position_cost(model) == 0
 
 
 def test_multi_turn_prompts_through_the_trainer_give_the_padded_losses(make_cfg, tmp_path):

@@ -53,6 +53,7 @@ from utils import (
     load_or_compute,
     on_main_process,
     packed_response_logps,
+    position_cost,
     positive_int,
     record_progress,
     response_logps,
@@ -266,6 +267,7 @@ class BasicTrainer:
             without_cudnn_attention()
         self.compute_dtype = self.compute_precision()
         self.packed = self.packing(policy)
+        self.position_cost = position_cost(policy)  # how wide packed rows pay
         self.sampler = self.build_sampler()
         self.plan = self.configured_micro_batches()  # None: fitted to the memory budget when the stage starts
         self.total_examples = self.planned_examples()
@@ -544,8 +546,8 @@ class BasicTrainer:
         training batches) and, under `mismatched`, each prompt with another item's response."""
         chosen = [examples[i] for i in indices]
         if self.paired:
-            return collate(chosen, indices, self.pad_id, with_rejected, packed=self.packed)
-        return collate_items(chosen, indices, self.pad_id, packed=self.packed)
+            return collate(chosen, indices, self.pad_id, with_rejected, packed=self.packed, position_cost=self.position_cost)
+        return collate_items(chosen, indices, self.pad_id, packed=self.packed, position_cost=self.position_cost)
 
     def response_tokens(self, example) -> int:
         return len(example.chosen if self.paired else example.response)
@@ -632,14 +634,18 @@ class BasicTrainer:
         return logps, mismatched
 
     @torch.no_grad()
-    def all_logps(self, model: torch.nn.Module, examples: Sequence, desc: str) -> torch.Tensor:
-        """[len(examples), 2] summed log-probs of `pair_logps`'s two sets, in eval mode."""
+    def all_logps(self, model: torch.nn.Module, examples: Sequence, desc: str, stoppable: bool = False) -> torch.Tensor:
+        """[len(examples), 2] summed log-probs of `pair_logps`'s two sets, in eval mode. `stoppable`:
+        a stop signal ends the pass at once (`Stopped`): for a pass of which nothing is kept unless
+        it ends, so that a scheduler's grace period is not spent on it."""
         was_training = model.training
         model.eval()
         size = self.cfg.train.eval_batch_size
         rows = []
         starts = range(0, len(examples), size)
         for start, counted in tqdm(self.assigned(starts), desc=desc, leave=False, disable=not is_main_process()):
+            if stoppable and (name := StopSignals.requested()):
+                raise Stopped(f"{name} received during the {desc} pass: {self.stage} stopped before its first step, nothing to save", name)
             batch = self.make_batch(examples, range(start, min(start + size, len(examples))))
             logps = torch.stack(self.pair_logps(model, batch), dim=1).float().cpu()
             if counted:
@@ -656,13 +662,13 @@ class BasicTrainer:
 
     def reference_tables(self) -> dict[str, torch.Tensor]:
         logps = {
-            "train": self.all_logps(self.policy, self.train_set, "reference log-probs (train)"),
-            "test": self.all_logps(self.policy, self.test_set, "reference log-probs (test)"),
+            "train": self.all_logps(self.policy, self.train_set, "reference log-probs (train)", stoppable=True),
+            "test": self.all_logps(self.policy, self.test_set, "reference log-probs (test)", stoppable=True),
         }
         if self.loss.refines_on_augmented:
             for split, examples in (("train", self.train_set), ("test", self.test_set)):
-                augmented = [e.augmented for e in examples]
-                logps[f"{split}/augmented"] = self.all_logps(self.policy, augmented, f"reference log-probs ({split}, p + x)")
+                augmented, desc = [e.augmented for e in examples], f"reference log-probs ({split}, p + x)"
+                logps[f"{split}/augmented"] = self.all_logps(self.policy, augmented, desc, stoppable=True)
         return logps
 
     def reference_batch_logps(self, batch: Mapping, split: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -701,7 +707,8 @@ class BasicTrainer:
         if self.loss.refines_on_augmented:
             examples = self.train_set if split == "train" else self.test_set
             indices = batch["index"].tolist()
-            augmented = collate([examples[i].augmented for i in indices], indices, self.pad_id, packed=self.packed)
+            pairs = [examples[i].augmented for i in indices]
+            augmented = collate(pairs, indices, self.pad_id, packed=self.packed, position_cost=self.position_cost)
             with torch.no_grad():
                 logps, counts = self.logps(self.policy, augmented)
             reference = self.reference_batch_logps(augmented, f"{split}/augmented")
