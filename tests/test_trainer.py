@@ -51,8 +51,9 @@ def test_gradient_accumulation_equals_the_whole_batch(make_cfg, tmp_path, overri
         updated.append((record, {k: v.clone() for k, v in trainer.policy.state_dict().items()}))
     (whole, whole_weights), (accumulated, accumulated_weights) = updated
     assert accumulated.keys() == whole.keys()
+    # the same sums of log-probs in another order and layout: 1e-6 absolute allows for fp32 rounding
     for key in accumulated.keys() - set(TIMING_KEYS) - {"tokens"}:
-        assert accumulated[key] == pytest.approx(whole[key], rel=1e-5 if key == "loss" else 1e-4, abs=1e-7), key
+        assert accumulated[key] == pytest.approx(whole[key], rel=1e-5 if key == "loss" else 1e-4, abs=1e-6), key
     assert accumulated["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-4)
     for key in whole_weights:
         torch.testing.assert_close(accumulated_weights[key], whole_weights[key], rtol=1e-5, atol=1e-6)

@@ -106,9 +106,9 @@ class FSDPTrainer(BasicTrainer):
         bf16 = setting == "bf16" or (setting == "auto" and self.device.type == "cuda")
         return torch.bfloat16 if bf16 else torch.float32
 
-    def all_logps(self, model: torch.nn.Module, examples: Sequence, desc: str) -> torch.Tensor:
+    def all_logps(self, model: torch.nn.Module, examples: Sequence, desc: str, stoppable: bool = False) -> torch.Tensor:
         try:
-            return super().all_logps(model, examples, desc)
+            return super().all_logps(model, examples, desc, stoppable)
         finally:
             model.reshard()
 
