@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers.models.llama import modeling_llama
 
 from tests.conftest import build, loss_config
 from tests.test_contrast_losses import loss_by_hand
@@ -28,6 +29,19 @@ LOSSES = {
     "rpo_simpo": ["loss=rpo_simpo"],
     "rpo_simpo + sr": ["loss=rpo_simpo", "loss.sr_lambda=0.5"],
 }
+
+
+def rms_norm_in_its_own_dtype(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+
+@pytest.fixture(autouse=True)
+def float64_norms(monkeypatch):
+    """Transformers' Llama RMSNorm computes in float32 whatever its input: a prompt prefix shared by
+    the segments of a packed row sums their gradients in another order in each split, and float32
+    would round those float64 differences of 1e-16 to 1e-8. Here the norm keeps float64."""
+    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", rms_norm_in_its_own_dtype)
 
 
 def float64_trainer(make_cfg, folder, *overrides: str) -> BasicTrainer:
