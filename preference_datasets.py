@@ -826,9 +826,10 @@ def shared_prefix_length(prompts: Sequence[list[int]]) -> int:
     """How many leading tokens all of several prompts share (a chat template's header, the
     self-refinement prompt p): at most all but the last token of the shortest, which must stay in
     its segment to predict its responses' first tokens. 0 for a single prompt or an empty one."""
-    if len(prompts) < 2 or not min(map(len, prompts)):
+    shortest = min(map(len, prompts))
+    if len(prompts) < 2 or not shortest:
         return 0
-    first, limit = prompts[0], min(map(len, prompts)) - 1
+    first, limit = prompts[0], shortest - 1
     return next((n for n in range(limit) if any(p[n] != first[n] for p in prompts)), limit)
 
 
