@@ -926,6 +926,81 @@ def pack_sequences(
     }
 
 
+def pack_items(items: Sequence[TokenizedResponse], pad_id: int, position_cost: float, continue_prompts: bool) -> dict:
+    """`pack_sequences` of unpaired items, with items of one prompt as responses of one segment (the
+    prompt computed once); `owners` and `sequences` count items, in order. Their mismatched KL
+    sequences go under `mismatched`: continuations of the items' own segments (`continuation_layout`)
+    with `continue_prompts`, otherwise each laid out with its prompt, to be run alone."""
+    segment_of: dict[tuple[int, ...], int] = {}
+    for item in items:
+        segment_of.setdefault(tuple(item.prompt), len(segment_of))
+    segments = [segment_of[tuple(item.prompt)] for item in items]
+    responses: list[list[list[int]]] = [[] for _ in segment_of]
+    slots = []  # pack_sequences' sequence k * segments + s: segment s's response k
+    for item, s in zip(items, segments, strict=True):
+        slots.append(len(responses[s]) * len(segment_of) + s)
+        responses[s].append(item.response)
+    layout = pack_sequences([list(prompt) for prompt in segment_of], responses, pad_id, position_cost)
+    item_of_slot = torch.full((layout["sequences"],), -1, dtype=torch.long)
+    item_of_slot[slots] = torch.arange(len(items))
+    layout.update(owners=item_of_slot[layout["owners"]], sequences=len(items))
+    if continue_prompts:
+        layout["mismatched"] = continuation_layout(layout, list(zip(segments, [item.mismatched for item in items], strict=True)), pad_id)
+    else:
+        layout["mismatched"] = pack_sequences([item.prompt for item in items], [[item.mismatched] for item in items], pad_id, position_cost)
+    return layout
+
+
+def continuation_layout(layout: Mapping, continuations: Sequence[tuple[int, list[int]]], pad_id: int) -> dict:
+    """Continuations (segment s, tokens) of `layout`'s prompts, for a second forward that reads
+    `layout`'s keys and values (`utils.packed_logps_and_continuation`): each in the row that holds
+    its segment, after the row's earlier continuations, with position ids that continue from its
+    prompt's end (where the segment's responses start).
+
+    A continuation's first token is predicted by its prompt's last position in `layout`, the others
+    by its own positions: `predict_at` indexes the hidden states of `layout`'s rows followed by those
+    of these rows, both flattened. Returns input_ids, position_ids, segment (the prompt's) and
+    sequence (the continuation's index; both -1 on padding) [rows, width], predict_at, targets,
+    owners (continuation indices) and the number of sequences."""
+    segment, part, positions = layout["segment"], layout["part"], layout["position_ids"]
+    rows, width = segment.shape
+    members: list[list[int]] = [[] for _ in range(rows)]
+    for k, (s, _) in enumerate(continuations):
+        members[int((segment == s).any(1).nonzero()[0])].append(k)
+    room = max(1, *(sum(len(continuations[k][1]) for k in row) for row in members))
+    input_ids = torch.full((rows, room), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((rows, room), dtype=torch.long)
+    segment_at = torch.full((rows, room), PADDING, dtype=torch.long)
+    sequence_at = torch.full((rows, room), PADDING, dtype=torch.long)
+    predict_at, targets, owners = [], [], []
+    for r, row in enumerate(members):
+        start = 0
+        for k in row:
+            s, tokens = continuations[k]
+            end = start + len(tokens)
+            prompt = ((segment[r] == s) & (part[r] == 0)).nonzero().flatten()  # empty only for an empty prompt
+            first_position = int(positions[r, prompt[-1]]) + 1 if len(prompt) else 0
+            input_ids[r, start:end] = torch.tensor(tokens, dtype=torch.long)
+            position_ids[r, start:end] = torch.arange(first_position, first_position + len(tokens))
+            segment_at[r, start:end], sequence_at[r, start:end] = s, k
+            predicted = tokens if len(prompt) else tokens[1:]  # without a prompt the first token has no predictor
+            predict_at += ([r * width + int(prompt[-1])] if len(prompt) and tokens else [])
+            predict_at += range(rows * width + r * room + start, rows * width + r * room + end - 1)
+            targets += predicted
+            owners += [k] * len(predicted)
+            start = end
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "segment": segment_at,
+        "sequence": sequence_at,
+        "predict_at": torch.tensor(predict_at, dtype=torch.long),
+        "targets": torch.tensor(targets, dtype=torch.long),
+        "owners": torch.tensor(owners, dtype=torch.long),
+        "sequences": len(continuations),
+    }
+
+
 def collate(
     examples: Sequence[TokenizedPair],
     indices: Sequence[int],
@@ -946,20 +1021,25 @@ def collate(
 
 
 def collate_items(
-    items: Sequence[TokenizedResponse], indices: Sequence[int], pad_id: int, packed: bool = False, position_cost: float = 0
+    items: Sequence[TokenizedResponse],
+    indices: Sequence[int],
+    pad_id: int,
+    packed: bool = False,
+    position_cost: float = 0,
+    continue_prompts: bool = False,
 ) -> dict:
-    """One batch of unpaired items (desirable ones first), with their mismatched KL sequences
-    (`packed`, `position_cost`: see `pack_sequences`)."""
-    prompts = [item.prompt for item in items]
-
-    def layout(responses: list[list[int]]) -> dict:
-        if packed:
-            return pack_sequences(prompts, [[response] for response in responses], pad_id, position_cost)
-        return collate_sequences(prompts, responses, pad_id)
-
+    """One batch of unpaired items (desirable ones first), with their mismatched KL sequences under
+    `mismatched` (`packed`, `position_cost`, `continue_prompts`: see `pack_items`)."""
+    if packed:
+        layout = pack_items(items, pad_id, position_cost, continue_prompts)
+    else:
+        prompts = [item.prompt for item in items]
+        layout = {
+            **collate_sequences(prompts, [item.response for item in items], pad_id),
+            "mismatched": collate_sequences(prompts, [item.mismatched for item in items], pad_id),
+        }
     return {
-        **layout([item.response for item in items]),
-        "mismatched": layout([item.mismatched for item in items]),
+        **layout,
         "desirable": torch.tensor([item.desirable for item in items]),
         # equal for items of one prompt, in any batch and process (a tuple of ints hashes the same everywhere)
         "prompt_ids": torch.tensor([hash(tuple(item.prompt)) for item in items], dtype=torch.long),

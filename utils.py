@@ -408,18 +408,78 @@ def packed_response_logps(
     A token attends to the earlier tokens of the row's shared prefix, of its segment's prompt and of
     its own response (a 4D boolean mask; padding attends to itself only, so no row of the softmax
     is empty)."""
-    same_segment = segment.unsqueeze(2) == segment.unsqueeze(1)
-    visible_part = (part.unsqueeze(1) == 0) | (part.unsqueeze(1) == part.unsqueeze(2))
-    shared = (segment.unsqueeze(1) == SHARED_PREFIX) & (segment.unsqueeze(2) != PADDING)
-    width = input_ids.shape[1]
-    causal = torch.ones(width, width, dtype=torch.bool, device=input_ids.device).tril()
-    mask = (((same_segment & visible_part) | shared) & causal) | torch.eye(width, dtype=torch.bool, device=input_ids.device)
-    if model.config._attn_implementation == "eager":  # eager attention adds its mask to the scores
+    mask = segment_mask(segment, segment, part, causal=True)
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask(model, mask), position_ids=position_ids).last_hidden_state
+    return score_positions(model, hidden.flatten(0, 1)[predict_at], targets, owners, sequences)
+
+
+def packed_logps_and_continuation(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    segment: torch.Tensor,
+    part: torch.Tensor,
+    predict_at: torch.Tensor,
+    targets: torch.Tensor,
+    owners: torch.Tensor,
+    sequences: int,
+    continuation: Sequence,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`packed_response_logps`, and the no-grad log-probs of `continuation` (input_ids,
+    position_ids, segment, sequence, predict_at, targets, owners, sequences of
+    `preference_datasets.continuation_layout`): KTO's mismatched responses after the batch's own
+    prompts. The continuation reads the keys and values the first forward computed for its prompt
+    and the shared prefix (detached), so no prompt is computed twice; its first token is scored
+    from the first forward's (detached) hidden state at the prompt's end."""
+    from transformers import DynamicCache  # loaded with the model already
+
+    mask = segment_mask(segment, segment, part, causal=True)
+    backbone = getattr(model, model.base_model_prefix)
+    cache = DynamicCache()  # full-length layers: a model's sliding-window cache would drop keys the continuation reads
+    output = backbone(
+        input_ids=input_ids, attention_mask=attention_mask(model, mask), position_ids=position_ids, past_key_values=cache, use_cache=True
+    )
+    hidden = output.last_hidden_state.flatten(0, 1)
+    logps, counts = score_positions(model, hidden[predict_at], targets, owners, sequences)
+    ids, positions, prompt_segment, sequence, *scoring = continuation
+    with torch.no_grad():  # the continuation only scores: its prompts' keys and values are constants to it
+        to_prompts = segment_mask(prompt_segment, segment, part, causal=False)
+        to_itself = segment_mask(sequence, sequence, torch.zeros_like(sequence), causal=True)
+        mask = attention_mask(model, torch.cat([to_prompts, to_itself], dim=2))
+        output = backbone(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        every_position = torch.cat([hidden.detach(), output.last_hidden_state.flatten(0, 1)])
+        predict, continuation_targets, continuation_owners, count = scoring
+        continuation_logps = score_positions(model, every_position[predict], continuation_targets, continuation_owners, count)[0]
+    return logps, counts, continuation_logps
+
+
+def segment_mask(queries: torch.Tensor, keys: torch.Tensor, key_part: torch.Tensor, causal: bool) -> torch.Tensor:
+    """[rows, queries, keys] boolean attention of packed rows: a query sees the shared prefix and the
+    key positions of its own segment that are prompt or its own part, earlier ones if `causal`
+    (queries and keys the same positions: a query's part is the key's part at its position).
+    Padding queries see only themselves, so no row of the softmax is empty."""
+    same_segment = queries.unsqueeze(2) == keys.unsqueeze(1)
+    if causal:
+        visible_part = (key_part.unsqueeze(1) == 0) | (key_part.unsqueeze(1) == key_part.unsqueeze(2))
+    else:
+        visible_part = (key_part.unsqueeze(1) == 0).expand_as(same_segment)
+    shared = (keys.unsqueeze(1) == SHARED_PREFIX) & (queries.unsqueeze(2) != PADDING)
+    mask = (same_segment & visible_part) | shared
+    if causal:
+        width = keys.shape[1]
+        eye = torch.eye(width, dtype=torch.bool, device=keys.device)
+        mask = (mask & torch.ones(width, width, dtype=torch.bool, device=keys.device).tril()) | eye
+    return mask
+
+
+def attention_mask(model: torch.nn.Module, mask: torch.Tensor) -> torch.Tensor:
+    """A [rows, 1, queries, keys] mask as the model's attention takes it: boolean, or additive
+    under `eager` attention, which adds its mask to the scores."""
+    if model.config._attn_implementation == "eager":
         dtype = model.get_output_embeddings().weight.dtype
         mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-    backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=mask.unsqueeze(1), position_ids=position_ids).last_hidden_state
-    return score_positions(model, hidden.flatten(0, 1)[predict_at], targets, owners, sequences)
+    return mask.unsqueeze(1)
 
 
 LOGIT_CHUNK = 256  # LM-head positions whose [positions, vocab] logits exist at once, forward and backward

@@ -192,7 +192,7 @@ def test_kto_reference_point_is_the_whole_batchs_however_it_is_split(make_cfg, t
     use the whole batch's, so 2 and 4 micro-batches give the one-pass loss and gradients."""
     trainer = float64_trainer(make_cfg, tmp_path, "loss=kto", "train.batch_size=16")
     indices = trainer.sampler.take(16)
-    policy_kl, reference_kl = trainer.kl_pairs(trainer.make_batch(trainer.train_set, indices), "train")
+    policy_kl, reference_kl = trainer.part_kl_pairs(trainer.make_batch(trainer.train_set, indices))
     trainer.reference_logps["train"][:, 1] -= float((policy_kl - reference_kl).mean().abs()) + 1  # z0 >= 1, not clamped
     one_pass = gradients_with(trainer, indices, 1)
     assert one_pass[0]["kl"] >= 1

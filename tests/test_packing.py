@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from preference_datasets import TokenizedPair, collate, pack_sequences, shared_prefix_length
+from preference_datasets import TokenizedPair, TokenizedResponse, collate, collate_items, pack_sequences, shared_prefix_length
 from tests.conftest import build
-from utils import packed_response_logps, position_cost, response_logps
+from utils import packed_logps_and_continuation, packed_response_logps, position_cost, response_logps
 
 # random-init model families the papers' presets use: Llama / Mistral (RPO), GPT-NeoX (Pythia, Sr),
 # Gemma 2 (SimPO + RPO: eager attention, logit soft-capping, alternating sliding-window layers)
@@ -173,6 +173,99 @@ def test_a_shared_prefix_gives_the_padded_layouts_gradients(position_cost):
         gradients.append({name: parameter.grad for name, parameter in model.named_parameters()})
     for name, gradient in gradients[0].items():
         assert (gradients[1][name] - gradient).abs().max() <= 1e-5 * gradient.abs().max(), name
+
+
+def prefixed_items(count: int, seed: int) -> list[TokenizedResponse]:
+    """Unpaired items of `prefixed_pairs`' prompts, each with a mismatched response (KTO's KL pair):
+    another item's chosen response; one mismatched response is a single token."""
+    pairs = prefixed_pairs(count, seed)
+    items = [TokenizedResponse(p.prompt, p.chosen, k % 2 == 0, pairs[(k + 1) % count].chosen) for k, p in enumerate(pairs)]
+    items[4] = TokenizedResponse(items[4].prompt, items[4].response, items[4].desirable, [7])
+    return items
+
+
+def item_logps(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    keys = ("input_ids", "position_ids", "segment", "sequence", "predict_at", "targets", "owners")
+    continuation = [*(batch["mismatched"][key] for key in keys), batch["mismatched"]["sequences"]]
+    layout = [batch[key] for key in ("input_ids", "position_ids", "segment", "part", "predict_at", "targets", "owners")]
+    return packed_logps_and_continuation(model, *layout, batch["sequences"], continuation)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("position_cost", [0, 1e6])
+def test_mismatched_continuations_give_each_sequence_run_alone(family, position_cost):
+    """KTO's mismatched responses scored from the batch's own keys and values of their prompts equal
+    each prompt + response run alone, in rows ending in padding (position cost 0) or in one row. Two
+    items share a prompt, and so one segment: their continuations see the prompt, not each other."""
+    model = tiny_model(family)
+    items = prefixed_items(7, seed=4)
+    batch = collate_items(items, range(7), pad_id=0, packed=True, position_cost=position_cost, continue_prompts=True)
+    assert int(batch["segment"].max()) + 1 == 6  # items 2 and 3 share a prompt
+    rows = len(batch["input_ids"])
+    assert rows > 1 if position_cost == 0 else rows == 1
+    assert len(batch["mismatched"]["input_ids"]) == rows
+    assert bool((batch["mismatched"]["segment"] == -1).any()) == (rows > 1)  # rows of unequal continuations
+    logps, counts, mismatched = item_logps(model, batch)
+    with torch.no_grad():
+        expected = torch.stack([alone(model, item.prompt, item.response) for item in items])
+        expected_mismatched = torch.stack([alone(model, item.prompt, item.mismatched) for item in items])
+    torch.testing.assert_close(logps.detach(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mismatched, expected_mismatched, rtol=1e-5, atol=1e-5)
+    assert counts.tolist() == [len(item.response) for item in items]
+    assert logps.requires_grad and not mismatched.requires_grad
+
+
+def test_scoring_the_continuations_leaves_the_gradients_unchanged():
+    """The forward that keeps its keys and values for the continuations backpropagates as the plain
+    packed forward does: the continuations add nothing to the graph."""
+    items = prefixed_items(6, seed=5)
+    batch = collate_items(items, range(6), pad_id=0, packed=True, position_cost=1e6, continue_prompts=True)
+    weights = torch.linspace(-1, 1, 6)
+    gradients = []
+    for continued in (False, True):
+        model = tiny_model("llama").train()
+        logps = item_logps(model, batch)[0] if continued else packed_logps(model, batch)[0]
+        (weights * logps).sum().backward()
+        gradients.append({name: parameter.grad for name, parameter in model.named_parameters()})
+    for name, gradient in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], gradient, rtol=0, atol=0)
+
+
+def test_continuation_layout():
+    """Items [1, 2, 3] -> [31], [1, 2, 4, 5] -> [51, 52] and [1, 2, 3] -> [32] behind the shared [1, 2]:
+    the first and third share a segment, and the three fill one row. Their continuations [81, 82],
+    [91] and [71]: each one's positions follow its prompt's end, its first token is predicted by that
+    prompt's last position, its others by its own (after the row's 10 positions)."""
+    items = [TokenizedResponse([1, 2, 3], [31], True, [81, 82]), TokenizedResponse([1, 2, 4, 5], [51, 52], False, [91]),
+             TokenizedResponse([1, 2, 3], [32], False, [71])]
+    batch = collate_items(items, range(3), pad_id=0, packed=True, position_cost=1e6, continue_prompts=True)
+    assert batch["input_ids"].tolist() == [[1, 2, 4, 5, 51, 52, 3, 31, 32, 0]]
+    scored = zip(batch["predict_at"].tolist(), batch["targets"].tolist(), batch["owners"].tolist(), strict=True)
+    assert list(scored) == [(3, 51, 1), (4, 52, 1), (6, 31, 0), (6, 32, 2)]  # owners are items
+    assert batch["sequences"] == 3
+    continuation = batch["mismatched"]
+    assert continuation["input_ids"].tolist() == [[81, 82, 91, 71]]
+    assert continuation["segment"].tolist() == [[0, 0, 1, 0]]
+    assert continuation["sequence"].tolist() == [[0, 0, 1, 2]]
+    assert continuation["position_ids"].tolist() == [[3, 4, 4, 3]]
+    scored = zip(continuation["predict_at"].tolist(), continuation["targets"].tolist(), continuation["owners"].tolist(), strict=True)
+    assert list(scored) == [(6, 81, 0), (10, 82, 0), (3, 91, 1), (6, 71, 2)]
+    assert continuation["sequences"] == 3
+
+
+def test_activation_checkpointing_runs_the_mismatched_sequences_alone(make_cfg, tmp_path):
+    """Activation checkpointing turns the key/value cache off: KTO then scores its mismatched pairs
+    in a forward of their own, and the loss and KL estimate are those of the continued layout."""
+    losses = []
+    for checkpointing in ("false", "true"):
+        cfg = make_cfg("sft.enabled=false", "loss=kto", f"train.activation_checkpointing={checkpointing}")
+        trainer = build(cfg, tmp_path / checkpointing)
+        assert trainer.continues_prompts == (checkpointing == "false")
+        batch = trainer.make_batch(trainer.train_set, trainer.sampler.take(8))
+        assert ("part" in batch["mismatched"]) == (checkpointing == "true")
+        loss, stats = trainer.batch_loss(batch, "train")
+        losses.append((loss.item(), stats["kl"][0]))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5, abs=1e-6)
 
 
 def test_position_cost():

@@ -52,6 +52,7 @@ from utils import (
     is_main_process,
     load_or_compute,
     on_main_process,
+    packed_logps_and_continuation,
     packed_response_logps,
     position_cost,
     positive_int,
@@ -278,6 +279,9 @@ class BasicTrainer:
         frozen = copy.deepcopy(policy).eval().requires_grad_(False) if needs_reference and not precompute else None
         self.policy = self.wrap_model(policy)
         self.reference_model = self.wrap_model(frozen) if frozen is not None else None
+        # KTO's mismatched responses continue their prompts from the forward's key/value cache, which
+        # activation checkpointing turns off (its recomputation would write the cache twice)
+        self.continues_prompts = self.packed and not any(getattr(m, "gradient_checkpointing", False) for m in self.policy.modules())
         self.reference_logps = self.precomputed_reference_logps(weights_key) if precompute else None
         self.optimizer = OPTIMIZERS[cfg.train.optimizer](self.policy.parameters(), lr=self.stage_cfg.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: self.lr_factor(step))
@@ -547,7 +551,7 @@ class BasicTrainer:
         chosen = [examples[i] for i in indices]
         if self.paired:
             return collate(chosen, indices, self.pad_id, with_rejected, packed=self.packed, position_cost=self.position_cost)
-        return collate_items(chosen, indices, self.pad_id, packed=self.packed, position_cost=self.position_cost)
+        return collate_items(chosen, indices, self.pad_id, self.packed, self.position_cost, continue_prompts=self.continues_prompts)
 
     def response_tokens(self, example) -> int:
         return len(example.chosen if self.paired else example.response)
@@ -604,10 +608,34 @@ class BasicTrainer:
     def logps(self, model: torch.nn.Module, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed response log-probs and token counts of every sequence of the batch, one forward
         in `compute_dtype` (the log-softmax itself in float32)."""
-        with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32):
+        with self.autocast():
             if self.packed:
                 return packed_response_logps(model, *self.packed_inputs(batch))
             return response_logps(model, *(batch[key].to(self.device) for key in ("input_ids", "attention_mask", "labels")))
+
+    def item_logps(self, model: torch.nn.Module, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Unpaired items: `logps` of the batch's responses, and the no-grad log-probs of its
+        mismatched KL sequences (KTO). Packed (without activation checkpointing), these continue the
+        batch's own forward from the keys and values of their prompts (`packed_logps_and_continuation`):
+        no prompt is computed twice."""
+        if self.continues_prompts:
+            with self.autocast():
+                return packed_logps_and_continuation(model, *self.packed_inputs(batch), self.continuation_inputs(batch["mismatched"]))
+        logps, counts = self.logps(model, batch)
+        with torch.no_grad():
+            return logps, counts, self.logps(model, batch["mismatched"])[0]
+
+    def policy_logps(self, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The policy's `logps` of the batch, with the log-probs of its mismatched KL sequences where
+        KTO's alignment needs them (`item_logps`; None otherwise, and where the batch carries the KL
+        pairs of its whole batch)."""
+        if self.stage == "align" and self.kto and "batch_kl_pairs" not in batch:
+            return self.item_logps(self.policy, batch)
+        return (*self.logps(self.policy, batch), None)
+
+    def autocast(self) -> torch.autocast:
+        """Compute in `compute_dtype` (off in float32)."""
+        return torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32)
 
     def packing(self, model: torch.nn.Module) -> bool:
         """`train.packing`, refused for attention that ignores a custom 4D mask (flash attention)."""
@@ -624,14 +652,21 @@ class BasicTrainer:
         keys = ("input_ids", "position_ids", "segment", "part", "predict_at", "targets", "owners")
         return [*(batch[key].to(self.device) for key in keys), batch["sequences"]]
 
+    def continuation_inputs(self, layout: Mapping) -> list:
+        """`packed_logps_and_continuation`'s `continuation` from a `continuation_layout`, on this device."""
+        keys = ("input_ids", "position_ids", "segment", "sequence", "predict_at", "targets", "owners")
+        return [*(layout[key].to(self.device) for key in keys), layout["sequences"]]
+
     def pair_logps(self, model: torch.nn.Module, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs of the batch's two sequence sets: (chosen, rejected) of pairs; for unpaired
         items (response, mismatched response) - the second only where KTO needs it."""
+        if self.kto:
+            logps, _, mismatched = self.item_logps(model, batch)
+            return logps, mismatched
         logps, _ = self.logps(model, batch)
         if self.paired:
             return logps.view(2, -1)[0], logps.view(2, -1)[1]
-        mismatched = self.logps(model, batch["mismatched"])[0] if self.kto else torch.zeros_like(logps)
-        return logps, mismatched
+        return logps, torch.zeros_like(logps)
 
     @torch.no_grad()
     def all_logps(self, model: torch.nn.Module, examples: Sequence, desc: str, stoppable: bool = False) -> torch.Tensor:
@@ -722,42 +757,53 @@ class BasicTrainer:
     def batch_loss(self, batch: Mapping, split: str, groups: Sequence[int] | None = None) -> tuple[torch.Tensor, Stats]:
         """The batch's loss and its statistics: each a mean over the batch, with what it averages.
         `groups`: the contrast group of each example of the batch (None: one group)."""
-        logps, counts = self.logps(self.policy, batch)
+        logps, counts, mismatched = self.policy_logps(batch)
         if self.stage == "sft":
             return sft_loss(logps, counts), {"logps/chosen": (logps.mean().item(), len(logps))}
-        return self.objective(logps, counts, batch, split, groups)
+        return self.objective(logps, counts, batch, split, groups, mismatched)
 
     def objective(
-        self, logps: torch.Tensor, counts: torch.Tensor, batch: Mapping, split: str, groups: Sequence[int] | None = None
+        self,
+        logps: torch.Tensor,
+        counts: torch.Tensor,
+        batch: Mapping,
+        split: str,
+        groups: Sequence[int] | None = None,
+        mismatched: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Stats]:
-        """The configured loss from the policy log-probs of the batch's sequences, and its statistics,
-        each with its weight: how many pairs (or responses, or response pairs) it is a mean over."""
+        """The configured loss from the policy log-probs of the batch's sequences (KTO: and of its
+        mismatched KL sequences, `policy_logps`), and its statistics, each with its weight: how many
+        pairs (or responses, or response pairs) it is a mean over."""
         if self.kto:
-            return self.kto_objective(logps, batch, split)
+            return self.kto_objective(logps, mismatched, batch, split)
         inputs = self.contrast_inputs(logps, counts, batch, split, groups)
         pairs_of_one_prompt = None if self.paired else same_prompt(*(batch[key].to(self.device) for key in ("prompt_ids", "desirable")))
         return self.contrast_objective(inputs, pairs_of_one_prompt)
 
-    def kto_objective(self, logps: torch.Tensor, batch: Mapping, split: str) -> tuple[torch.Tensor, Stats]:
+    def kto_objective(self, logps: torch.Tensor, mismatched: torch.Tensor | None, batch: Mapping, split: str) -> tuple[torch.Tensor, Stats]:
         """KTO over the batch; under FSDP its items and KL pairs are gathered over every process, so
         the reference point z0 and the mean are those of the whole batch. A micro-batch carries the
         KL pairs of its whole batch (`batch_kl_pairs`), so z0 does not depend on the split either."""
         reference_logps = self.reference_batch_logps(batch, split)[0]
         gathered = (logps, reference_logps, batch["desirable"].to(self.device), batch["prompt_ids"].to(self.device))
         *items, prompt_ids = [self.gather(values, split) for values in gathered]
-        kl_pairs = batch.get("batch_kl_pairs") or self.kl_pairs(batch, split)
+        kl_pairs = batch.get("batch_kl_pairs") or self.kl_pairs(mismatched, batch, split)
         loss, item_rewards, kl = kto_loss(*items, *kl_pairs, self.loss)
         item_logps, desirable = items[0], items[2]
         stats = self.reward_stats(item_logps[desirable], item_logps[~desirable], item_rewards[desirable], item_rewards[~desirable],
                                   same_prompt(prompt_ids, desirable))
         return loss, {"kl": (kl.item(), len(kl_pairs[0])), **stats}
 
-    def kl_pairs(self, batch: Mapping, split: str) -> list[torch.Tensor]:
+    def kl_pairs(self, policy_kl_logps: torch.Tensor, batch: Mapping, split: str) -> list[torch.Tensor]:
         """The policy's (no-grad) and the reference's log-probs of the batch's mismatched KL pairs,
         gathered over the processes."""
-        with torch.no_grad():
-            policy_kl_logps = self.logps(self.policy, batch["mismatched"])[0]
         return [self.gather(values, split) for values in (policy_kl_logps, self.reference_batch_logps(batch, split)[1])]
+
+    def part_kl_pairs(self, batch: Mapping) -> list[torch.Tensor]:
+        """`kl_pairs` of one micro-batch of a training batch, ahead of the gradient passes (so that
+        every micro-batch's z0 is the whole batch's)."""
+        with torch.no_grad():
+            return self.kl_pairs(self.item_logps(self.policy, batch)[2], batch, "train")
 
     def contrast_inputs(self, logps: torch.Tensor, counts: torch.Tensor, batch: Mapping, split: str, groups: Sequence[int] | None) -> dict:
         """`preference_loss`'s per-response arguments for the batch: policy and reference log-probs,
@@ -939,7 +985,7 @@ class BasicTrainer:
             total_weight = self.example_weight([self.train_set[i] for i in indices])
         tokens, batch_kl_pairs = 0, None
         if self.stage == "align" and self.kto and len(parts) > 1:  # KTO's z0 from the whole batch's KL pairs
-            every_part = [self.kl_pairs(self.make_batch(self.train_set, part), "train") for part, _ in parts]
+            every_part = [self.part_kl_pairs(self.make_batch(self.train_set, part)) for part, _ in parts]
             batch_kl_pairs = [torch.cat(values) for values in zip(*every_part, strict=True)]
         for number, (part, groups) in enumerate(parts, start=1):
             batch = self.make_batch(self.train_set, part, with_rejected=self.stage != "sft")
@@ -1020,7 +1066,7 @@ class BasicTrainer:
             if grouped:  # contrast groups within each held-out batch, as in training
                 indices, groups = self.grouped_order(self.test_set, indices)
             batch = self.make_batch(self.test_set, indices)
-            logps, counts = self.logps(self.policy, batch)
+            logps, counts, mismatched = self.policy_logps(batch)
             stats: Stats = {}
             if self.paired:
                 chosen, rejected = logps.view(2, -1)
@@ -1031,7 +1077,7 @@ class BasicTrainer:
                 stats["loss"] = (sft_loss(chosen_logps, chosen_counts).item(), chosen_counts.sum().item())  # a mean over tokens
                 stats["logps/chosen"] = (chosen_logps.mean().item(), len(chosen_logps))
             else:
-                loss, objective_stats = self.objective(logps, counts, batch, "test", groups)
+                loss, objective_stats = self.objective(logps, counts, batch, "test", groups, mismatched)
                 stats.update({"loss": (loss.item(), len(indices)), **objective_stats})
             means.add(stats, counted)  # a repeated batch (under FSDP) runs but does not count
         self.policy.train()

@@ -37,7 +37,16 @@ from torch.distributed.tensor import DTensor
 
 from trainers.basic import BasicTrainer, cast_state_dict
 from trainers.memory import enable_activation_checkpointing
-from utils import ConfigError, gather_objects, is_main_process, packed_response_logps, rank, response_logps, world_size
+from utils import (
+    ConfigError,
+    gather_objects,
+    is_main_process,
+    packed_logps_and_continuation,
+    packed_response_logps,
+    rank,
+    response_logps,
+    world_size,
+)
 
 MIXED_PRECISION = ("auto", "bf16", "fp32")
 
@@ -91,9 +100,10 @@ class FSDPTrainer(BasicTrainer):
                 parameter.data = parameter.data.float()  # in place: tied embeddings stay tied
         # a frozen model has no backward to keep the root's gathered weights for
         fully_shard(model, mesh=mesh, mp_policy=precision, reshard_after_forward=True if frozen else None)
-        # The loop scores sequences with `response_logps` / `packed_response_logps` (backbone, then
-        # the LM head on response positions only), not `forward`: FSDP must gather the root's weights around them too.
-        for method in (response_logps, packed_response_logps):
+        # The loop scores sequences with `response_logps`, `packed_response_logps` and
+        # `packed_logps_and_continuation` (backbone, then the LM head on response positions only),
+        # not `forward`: FSDP must gather the root's weights around them too.
+        for method in (response_logps, packed_response_logps, packed_logps_and_continuation):
             setattr(model, method.__name__, partial(method, model))
             register_fsdp_forward_method(model, method.__name__)
         return model
@@ -125,6 +135,11 @@ class FSDPTrainer(BasicTrainer):
         if self.packed:
             return model.packed_response_logps(*self.packed_inputs(batch))
         return model.response_logps(*(batch[key].to(self.device) for key in ("input_ids", "attention_mask", "labels")))
+
+    def item_logps(self, model: torch.nn.Module, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.continues_prompts:
+            return model.packed_logps_and_continuation(*self.packed_inputs(batch), self.continuation_inputs(batch["mismatched"]))
+        return super().item_logps(model, batch)
 
     # ----------------------------------------------------------------------------- batches
 
