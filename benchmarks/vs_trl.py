@@ -19,7 +19,10 @@ activation-checkpointing setting against "TRL", and its plain step against "TRL 
 checkpointing".
 The first step's DPO loss must agree (same batch, same weights). It then times this project's
 RPO, Sr-DPO and KTO steps against its DPO step (KTO per pair: each pair's two responses become two
-items), and shows where the time of one DPO step goes (torch profiler, by operator).
+items; `kto` holds both items of each of the DPO step's pairs, whose prompt it then computes once,
+and `kto_apart` a pair's desirable item with the undesirable item of a pair of the next step, so
+that no two items of a batch share a prompt, the usual case under the shuffling sampler), and shows
+where the time of one DPO step goes (torch profiler, by operator).
 
 On a machine with a GPU both sides train on it (TRL's `bf16=True` is its autocast over float32
 weights, as this project's `model.dtype=bfloat16`), every step ends in a device synchronisation,
@@ -75,7 +78,8 @@ RATIOS = [
     ("prefopt, reference precomputed", "TRL without gradient checkpointing, reference precomputed"),
     ("prefopt, activation checkpointing, precomputed", "prefopt, reference precomputed"),
 ]
-LOSSES = ["dpo", "rpo", "sr_dpo", "kto"]
+LOSSES = ["dpo", "rpo", "sr_dpo", "kto", "kto_apart"]
+APART = "kto_apart"  # KTO on the same items, each pair's two in different steps
 CACHE = "VS_TRL_CACHE"  # one cache_dir for the invocation: the packaged model is converted once, before any timing
 
 
@@ -250,13 +254,17 @@ def project_trainer(args: argparse.Namespace, loss: str, reference: str, dtype: 
 def run_prefopt(args: argparse.Namespace, loss: str, reference: str, dtype: str, packing: str, heap: str = "heap",
                 checkpointing: str = "false") -> dict:
     allocator(heap)
-    trainer = project_trainer(args, loss, reference, dtype, packing, checkpointing)
-    per_step = args.pairs * (2 if loss == "kto" else 1)  # KTO: a pair's two responses are two items
+    kto = loss in ("kto", APART)
+    trainer = project_trainer(args, "kto" if kto else loss, reference, dtype, packing, checkpointing)
+    per_step = args.pairs * (2 if kto else 1)  # KTO: a pair's two responses are two items (2p and 2p + 1)
     batches = [list(range(k * per_step, (k + 1) * per_step)) for k in range(args.warmup + args.steps)]
+    if loss == APART:  # step k: the desirable items of its pairs, the undesirable ones of step k + 1's
+        batches = [[i for i in batch if i % 2 == 0] + [i for i in batches[(k + 1) % len(batches)] if i % 2 == 1]
+                   for k, batch in enumerate(batches)]
     records = []
     result = timed_steps(args, lambda batch: records.append(trainer.train_step(batch)) or first_check(records[0]), batches)
     timed = [trainer.train_set[i] for batch in batches[max(1, args.warmup) :] for i in batch]
-    if loss == "kto":
+    if kto:
         return {**result, "tokens": sum(len(item.prompt) + len(item.response) for item in timed), "flops": None}
     flops = sum(step_flops(trainer.policy, timed[k : k + args.pairs]) for k in range(0, len(timed), args.pairs))
     return {**result, "tokens": pair_tokens(timed), "flops": flops}
