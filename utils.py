@@ -408,10 +408,20 @@ def packed_response_logps(
     A token attends to the earlier tokens of the row's shared prefix, of its segment's prompt and of
     its own response (a 4D boolean mask; padding attends to itself only, so no row of the softmax
     is empty)."""
-    mask = segment_mask(segment, segment, part, causal=True)
+    hidden = packed_forward(model, input_ids, position_ids, segment, part)
+    return score_positions(model, hidden[predict_at], targets, owners, sequences)
+
+
+def packed_forward(
+    model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, segment: torch.Tensor, part: torch.Tensor, cache=None
+) -> torch.Tensor:
+    """The final hidden states of packed rows, flattened [rows * width, hidden]; `cache` (a
+    transformers cache) receives the rows' keys and values."""
     backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask(model, mask), position_ids=position_ids).last_hidden_state
-    return score_positions(model, hidden.flatten(0, 1)[predict_at], targets, owners, sequences)
+    mask = attention_mask(model, segment_mask(segment, segment, part, causal=True))
+    keep = {"past_key_values": cache, "use_cache": True} if cache is not None else {}
+    output = backbone(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, **keep)
+    return output.last_hidden_state.flatten(0, 1)
 
 
 def packed_logps_and_continuation(
@@ -434,19 +444,15 @@ def packed_logps_and_continuation(
     from the first forward's (detached) hidden state at the prompt's end."""
     from transformers import DynamicCache  # loaded with the model already
 
-    mask = segment_mask(segment, segment, part, causal=True)
-    backbone = getattr(model, model.base_model_prefix)
     cache = DynamicCache()  # full-length layers: a model's sliding-window cache would drop keys the continuation reads
-    output = backbone(
-        input_ids=input_ids, attention_mask=attention_mask(model, mask), position_ids=position_ids, past_key_values=cache, use_cache=True
-    )
-    hidden = output.last_hidden_state.flatten(0, 1)
+    hidden = packed_forward(model, input_ids, position_ids, segment, part, cache)
     logps, counts = score_positions(model, hidden[predict_at], targets, owners, sequences)
     ids, positions, prompt_segment, sequence, *scoring = continuation
     with torch.no_grad():  # the continuation only scores: its prompts' keys and values are constants to it
         to_prompts = segment_mask(prompt_segment, segment, part, causal=False)
         to_itself = segment_mask(sequence, sequence, torch.zeros_like(sequence), causal=True)
         mask = attention_mask(model, torch.cat([to_prompts, to_itself], dim=2))
+        backbone = getattr(model, model.base_model_prefix)
         output = backbone(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
         every_position = torch.cat([hidden.detach(), output.last_hidden_state.flatten(0, 1)])
         predict, continuation_targets, continuation_owners, count = scoring
