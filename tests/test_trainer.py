@@ -18,7 +18,7 @@ import train
 from preference_datasets import collate
 from tests.conftest import ROOT, build
 from tests.test_loop_values import perturbed
-from trainers.basic import TIMING_KEYS, BasicTrainer, NonFiniteLoss
+from trainers.basic import TIMING_KEYS, BasicTrainer, NonFiniteLoss, Stopped
 from utils import checksum_path, load_or_compute, response_logps
 
 
@@ -64,7 +64,7 @@ def test_reference_logps_are_cached_and_equal_a_live_reference(make_cfg, tmp_pat
     before = set((shared_cache / "reference_logps").glob("*.pt"))
     trainer = build(cfg, tmp_path / "a")
     cache_files = set((shared_cache / "reference_logps").glob("*.pt")) - before
-    assert len(cache_files) == 1
+    assert len(cache_files) == 2  # one file a table: train, test
     live = build(make_cfg(f"seed={cfg.seed}", "reference.precompute=false"), tmp_path / "b")
     assert live.reference_model is not None and live.reference_logps is None
     batch = trainer.make_batch(trainer.train_set, range(6))
@@ -73,6 +73,45 @@ def test_reference_logps_are_cached_and_equal_a_live_reference(make_cfg, tmp_pat
     monkeypatch.setattr(BasicTrainer, "all_logps", lambda *a, **k: pytest.fail("recomputed cached reference log-probs"))
     again = build(cfg, tmp_path / "c")
     torch.testing.assert_close(again.reference_logps["test"], trainer.reference_logps["test"])
+
+
+COMPUTE_LOGPS = BasicTrainer.all_logps
+
+
+def counting_passes(monkeypatch) -> list[str]:
+    """The reference passes `all_logps` runs from now on, by their progress bars' names."""
+    passes, compute = [], COMPUTE_LOGPS
+
+    def counted(self, model, examples, desc, stoppable=False):
+        passes.append(desc)
+        return compute(self, model, examples, desc, stoppable)
+
+    monkeypatch.setattr(BasicTrainer, "all_logps", counted)
+    return passes
+
+
+def test_each_reference_table_is_cached_alone_and_shared(make_cfg, tmp_path, monkeypatch):
+    """Sr-DPO after DPO on the same weights and data computes only its p + x tables (its plain ones
+    are DPO's); a run stopped during its test pass keeps its train table."""
+    dpo = build(make_cfg("seed=2468"), tmp_path / "dpo")  # a seed no other test uses: fresh cache keys
+    passes = counting_passes(monkeypatch)
+    sr = build(make_cfg("seed=2468", "loss=sr_dpo"), tmp_path / "sr")
+    assert passes == ["reference log-probs (train, p + x)", "reference log-probs (test, p + x)"]
+    for split in ("train", "test"):
+        assert torch.equal(sr.reference_logps[split], dpo.reference_logps[split])
+
+    def stopped_at_test(self, model, examples, desc, stoppable=False):
+        if desc == "reference log-probs (test)":
+            raise Stopped(f"SIGTERM received during the {desc} pass", "SIGTERM")
+        return COMPUTE_LOGPS(self, model, examples, desc, stoppable)
+
+    monkeypatch.setattr(BasicTrainer, "all_logps", stopped_at_test)
+    with pytest.raises(Stopped):
+        build(make_cfg("seed=1357"), tmp_path / "stopped")
+    passes = counting_passes(monkeypatch)
+    again = build(make_cfg("seed=1357"), tmp_path / "again")
+    assert passes == ["reference log-probs (test)"]
+    assert set(again.reference_logps) == {"train", "test"}
 
 
 @pytest.mark.parametrize("loss", ["dpo", "kto"])
@@ -324,7 +363,7 @@ def test_reference_cache_is_keyed_by_compute_precision(make_cfg, tmp_path, share
     cached = set((shared_cache / "reference_logps").glob("*.pt"))
     trainer.compute_dtype = torch.bfloat16
     bf16 = trainer.precomputed_reference_logps(state_fingerprint(trainer.policy))
-    assert len(set((shared_cache / "reference_logps").glob("*.pt")) - cached) == 1
+    assert len(set((shared_cache / "reference_logps").glob("*.pt")) - cached) == 2
     assert not torch.equal(bf16["train"], trainer.reference_logps["train"])
     torch.testing.assert_close(bf16["train"], trainer.reference_logps["train"], rtol=0.05, atol=0.5)
 

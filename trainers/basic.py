@@ -17,7 +17,8 @@ import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import astuple
+from dataclasses import astuple, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -689,22 +690,25 @@ class BasicTrainer:
         return torch.cat(self.merge(rows))
 
     def precomputed_reference_logps(self, weights_key: str) -> dict[str, torch.Tensor]:
-        """Reference log-probs of both splits, cached on disk by (weights, data, tokenization)."""
-        data_key = text_fingerprint([astuple(e) for e in [*self.train_set, *self.test_set]], self.kto)
-        settings = (self.cfg.max_length, self.cfg.max_prompt_length, self.loss.refines_on_augmented, str(self.compute_dtype), self.packed)
-        key = text_fingerprint(weights_key, data_key, *settings)
-        return load_or_compute(Path(self.cfg.cache_dir) / "reference_logps" / f"{key}.pt", self.reference_tables)
+        """Reference log-probs of each table (`train`, `test`; Sr: `train/augmented`, `test/augmented`
+        too), each cached on disk by (weights, its own tokens, how they are computed). A run stopped
+        during a later pass keeps the tables already finished, and runs that share a table share its
+        file: Sr-DPO's plain tables are DPO's on the same data, `eval.heldout`'s test table a run's."""
+        settings = (weights_key, str(self.compute_dtype), self.packed, self.kto)
+        tables = {}
+        for name, examples in self.reference_table_examples().items():
+            key = text_fingerprint(*settings, [astuple(replace(e, augmented=None) if self.paired else e) for e in examples])
+            desc = f"reference log-probs ({name.replace('/augmented', ', p + x')})"
+            compute = partial(self.all_logps, self.policy, examples, desc, stoppable=True)
+            tables[name] = load_or_compute(Path(self.cfg.cache_dir) / "reference_logps" / f"{key}.pt", compute)
+        return tables
 
-    def reference_tables(self) -> dict[str, torch.Tensor]:
-        logps = {
-            "train": self.all_logps(self.policy, self.train_set, "reference log-probs (train)", stoppable=True),
-            "test": self.all_logps(self.policy, self.test_set, "reference log-probs (test)", stoppable=True),
-        }
+    def reference_table_examples(self) -> dict[str, Sequence]:
+        """The examples of each reference table, by its name (the `split` of `reference_batch_logps`)."""
+        tables = {"train": self.train_set, "test": self.test_set}
         if self.loss.refines_on_augmented:
-            for split, examples in (("train", self.train_set), ("test", self.test_set)):
-                augmented, desc = [e.augmented for e in examples], f"reference log-probs ({split}, p + x)"
-                logps[f"{split}/augmented"] = self.all_logps(self.policy, augmented, desc, stoppable=True)
-        return logps
+            tables |= {f"{split}/augmented": [e.augmented for e in examples] for split, examples in list(tables.items())}
+        return tables
 
     def reference_batch_logps(self, batch: Mapping, split: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The reference's `pair_logps` of the batch (None, None when the loss is reference-free).
