@@ -80,11 +80,11 @@ COMPUTE_LOGPS = BasicTrainer.all_logps
 
 def counting_passes(monkeypatch) -> list[str]:
     """The reference passes `all_logps` runs from now on, by their progress bars' names."""
-    passes, compute = [], COMPUTE_LOGPS
+    passes = []
 
     def counted(self, model, examples, desc, stoppable=False):
         passes.append(desc)
-        return compute(self, model, examples, desc, stoppable)
+        return COMPUTE_LOGPS(self, model, examples, desc, stoppable)
 
     monkeypatch.setattr(BasicTrainer, "all_logps", counted)
     return passes

@@ -693,7 +693,7 @@ class BasicTrainer:
         """Reference log-probs of each table (`train`, `test`; Sr: `train/augmented`, `test/augmented`
         too), each cached on disk by (weights, its own tokens, how they are computed). A run stopped
         during a later pass keeps the tables already finished, and runs that share a table share its
-        file: Sr-DPO's plain tables are DPO's on the same data, `eval.heldout`'s test table a run's."""
+        file (Sr-DPO's plain tables are DPO's on the same weights and data)."""
         settings = (weights_key, str(self.compute_dtype), self.packed, self.kto)
         tables = {}
         for name, examples in self.reference_table_examples().items():
@@ -707,7 +707,7 @@ class BasicTrainer:
         """The examples of each reference table, by its name (the `split` of `reference_batch_logps`)."""
         tables = {"train": self.train_set, "test": self.test_set}
         if self.loss.refines_on_augmented:
-            tables |= {f"{split}/augmented": [e.augmented for e in examples] for split, examples in list(tables.items())}
+            tables |= {f"{split}/augmented": [e.augmented for e in examples] for split, examples in tables.items()}
         return tables
 
     def reference_batch_logps(self, batch: Mapping, split: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
