@@ -5,6 +5,9 @@ Each row is the preset's sweep restricted to one job, the command REPRODUCTION.m
 `python train.py +experiment=<preset> seed=<seed> row/<group>=<row>`. The two workers start on
 different seeds (each seed trains its SFT model once; its other rows reuse it through `sft.reuse`
 and the reference cache) and skip rows that are finished, recorded, or run by the other worker.
+B takes a seed's `unpaired` row first: it trains an SFT model and reference log-probs of its own
+(its examples are single responses), so when both workers reach a seed together, one trains the
+seed's shared SFT model while the other runs that row, rather than both training the same model.
 A finished run's record (config, state, summary, metrics, Hydra's overrides, re-evaluations; not
 the weights) is copied to docs/reproduction/hh_runs/<preset>/s<seed>_<row>/, where `eval.table`
 reads it: the tables outlive the machine the runs were made on. Rows run from a copy of the code
@@ -26,6 +29,7 @@ ROWS = [("rpo_weighting_small", "rpo_weighting", row) for row in ("dpo", "paired
        [("sr_small", "sr", row) for row in ("sr_dpo", "ipo", "sr_ipo")] + \
        [("rpo_group_small", "rpo_group", row) for row in ("g2", "g4", "g6", "g8")]
 SEED_ORDER = {"A": (2, 3, 1), "B": (3, 2, 1)}
+ROW_ORDER = {"A": ROWS, "B": sorted(ROWS, key=lambda row: row[2] != "unpaired")}  # stable: the rest keep their order
 RECORD_FILES = ("config.yaml", "state.json", "summary.json", "metrics.jsonl", ".hydra", "heldout")
 PREEMPTED = 75  # train.py's exit code after SIGTERM: checkpointed, continue later
 
@@ -100,7 +104,7 @@ def next_row(args: argparse.Namespace, failures: dict[Path, int]) -> tuple[str, 
     """The first row in this worker's order that nobody has finished or taken (claimed for this
     worker); a row that failed twice is left for a person to look at."""
     for seed in SEED_ORDER[args.worker]:
-        for preset, group, row in ROWS:
+        for preset, group, row in ROW_ORDER[args.worker]:
             run_dir = args.runs / preset / f"s{seed}_{row}"
             record = RECORDS / preset / run_dir.name
             if record.exists() or failures.get(run_dir, 0) >= 2:
