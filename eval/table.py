@@ -3,6 +3,7 @@
     python -m eval.table outputs/multirun/<time>                 # a sweep (`train.py -m ...`)
     python -m eval.table outputs/dpo_smollm2_135m/<time> outputs/rpo_smollm2_135m/<time>   # runs
     python -m eval.table outputs/multirun/<time> --out tables/rpo_tau
+    python -m eval.table outputs/multirun/<time> --baseline row/rpo_weighting=dpo   # and each row minus DPO, seed by seed
 
 Each run gives its overrides (the command-line ones, `.hydra/overrides.yaml`), its seed, the last
 stage's final held-out loss, reward accuracy and margin, preference accuracy and chosen log-prob
@@ -15,8 +16,12 @@ from its `multirun.yaml`, so a job that failed, was stopped or never started is 
 never a silent gap. Where the runs' paper compares rows head to head (its `paper.published` has
 "A vs B" entries, as the Sr paper's MT-Bench tables) and the runs were judged by the `rules` judge
 (the demo data), each seed's row A answers are judged against the same seed's row B answers and
-the verdicts pooled over seeds, beside the published numbers. Written to the sweep folder (or
+the verdicts pooled over seeds, beside the published numbers. With `--baseline key=value`, each
+setting is also compared with the one that has that override instead, seed by seed (the rows of one
+seed share its SFT model and data order, so their differences are far less noisy than the
+per-setting means): mean, spread and interval of the differences. Written to the sweep folder (or
 `--out`): `table.md`, `runs.csv`, `table.csv`, `head_to_head.csv` (where there are head-to-heads),
+`versus_baseline.csv` (with `--baseline`),
 `<key>.png` (each metric against each swept key) and `curves.png` (the training curves of every
 run). `train.py -m` builds it when the sweep ends and prints where it is.
 """
@@ -47,6 +52,7 @@ METRICS = {  # column: key of the last stage's final held-out evaluation
     "preference accuracy": "logp_accuracy",
     "chosen log-prob": "logps/chosen",  # falling while the margin grows: the likelihood of the preferred answers displaced
 }
+SAME_PROMPT = "same-prompt reward accuracy"
 GROUPED_AWAY = "seed"  # runs that differ only in this override are repeats of one setting
 # where a run's files go, not what it computes: runs that differ only in these are the same setting
 OUTPUT_LOCATIONS = ("runs_root", "hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir")
@@ -223,15 +229,18 @@ class Group:
         return statistics.stdev(values) if len(values) > 1 else (0.0 if values else math.nan)
 
     def interval(self, metric: str) -> tuple[float, float]:
-        """The 95 % confidence interval of the mean over seeds (Student's t with n - 1 degrees of
-        freedom: with 3 seeds it is 2.5 standard deviations wide each side); nan for fewer than 2 runs."""
-        values = self.values(metric)
-        if len(values) < 2:
-            return math.nan, math.nan
-        from scipy.stats import t
+        return mean_interval(self.values(metric))
 
-        half = t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-        return self.mean(metric) - half, self.mean(metric) + half
+
+def mean_interval(values: Sequence[float]) -> tuple[float, float]:
+    """The 95 % confidence interval of the mean (Student's t with n - 1 degrees of freedom: with 3
+    seeds it is 2.5 standard deviations wide each side); nan for fewer than 2 values."""
+    if len(values) < 2:
+        return math.nan, math.nan
+    from scipy.stats import t
+
+    half = t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return statistics.fmean(values) - half, statistics.fmean(values) + half
 
 
 def group_runs(runs: Sequence[Run]) -> list[Group]:
@@ -280,30 +289,34 @@ def duration(seconds: float | None) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
-def setting_cell(group: Group, metric: str) -> str:
-    """`mean ± sd (n)`, with the 95 % interval of the mean where there are repeats."""
-    values = group.values(metric)
+def summary_cell(values: Sequence[float], sign: str = "") -> str:
+    """`mean ± sd (n)`, with the 95 % interval of the mean where there are repeats (`sign="+"`: the
+    mean of differences, signed)."""
     if not values:
         return "-"
-    low, high = group.interval(metric)
-    interval = f" [{low:.3f}, {high:.3f}]" if len(values) > 1 else ""
-    return f"{group.mean(metric):.4f} ± {group.std(metric):.4f} ({len(values)}){interval}"
+    low, high = mean_interval(values)
+    interval = f" [{low:{sign}.3f}, {high:{sign}.3f}]" if len(values) > 1 else ""
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):{sign}.4f} ± {spread:.4f} ({len(values)}){interval}"
 
 
-def markdown(runs: Sequence[Run], groups: Sequence[Group], versus: Sequence[HeadToHead] = ()) -> str:
-    """The per-setting table (mean ± sd (n) [95 % interval]), the head-to-heads, the per-run table
-    and the runs that did not finish."""
+def markdown(runs: Sequence[Run], groups: Sequence[Group], versus: Sequence[HeadToHead] = (),
+             against: Sequence[Difference] = ()) -> str:
+    """The per-setting table (mean ± sd (n) [95 % interval]), the head-to-heads, the differences
+    from a baseline, the per-run table and the runs that did not finish."""
     names, keys, common = metric_names(runs), swept_keys(runs), common_overrides(runs)
     lines = [f"Overrides of every run: {' '.join(common) or '(none)'}", ""] if common and keys else []
     lines += ["| setting | runs finished | " + " | ".join(names) + " | step time | wall time |", "|---|---:|" + "---:|" * (len(names) + 2)]
     for group in groups:
-        cells = [setting_cell(group, n) for n in names]
+        cells = [summary_cell(group.values(n)) for n in names]
         times = [mean_time([getattr(run, kind) for run in group.finished]) for kind in ("step_s", "wall_s")]
         shown = label(group.setting, keys if keys else None)
         lines.append(f"| {shown} | {len(group.finished)} / {len(group.runs)} | " + " | ".join(cells)
                      + "".join(f" | {duration(t)}" for t in times) + " |")
     if versus:
         lines += head_to_head_markdown(versus)
+    if against:
+        lines += difference_markdown(against, names, keys)
     lines += ["", "| run | seed | state | " + " | ".join(names) + " | step time | wall time |",
               "|---|---:|---|" + "---:|" * (len(names) + 2)]
     for run in runs:
@@ -415,6 +428,97 @@ def write_head_to_heads(results: Sequence[HeadToHead], out: Path) -> None:
     write_csv(out / "head_to_head.csv", ["pair", "seeds", "comparisons", *rates, "per seed", *(f"published {b}" for b in columns)], rows)
 
 
+@dataclass
+class Difference:
+    """A setting's runs minus its baseline setting's (the same overrides but the baseline's key),
+    seed by seed: each seed's SFT model and data order are the same on both sides, so the variation
+    between seeds that the per-setting intervals carry cancels."""
+
+    setting: tuple[str, ...]
+    baseline: str  # the override the baseline setting has instead of this setting's
+    seeds: list[int]  # where both settings finished (a seed run more than once counts its mean)
+    values: dict[str, list[float]]  # metric -> the setting's value minus the baseline's, one per seed
+
+
+def compared_value(run: Run, metric: str, other: Run) -> float | None:
+    """`run`'s `metric` as compared with `other`'s. A reward accuracy on pairs is each prompt's own
+    comparison: a paired run's is an unpaired run's same-prompt reward accuracy, and an unpaired
+    run's plain one (every chosen response against every rejected one) is compared with no paired run's."""
+    unpaired, other_unpaired = SAME_PROMPT in run.metrics, SAME_PROMPT in other.metrics
+    if metric == "reward accuracy" and unpaired != other_unpaired:
+        return None
+    if metric == SAME_PROMPT and not unpaired and other_unpaired:
+        return run.metrics.get("reward accuracy")
+    return run.metrics.get(metric)
+
+
+def by_seed(group: Group) -> dict[int, list[Run]]:
+    seeds: dict[int, list[Run]] = {}
+    for run in group.finished:
+        if run.seed is not None:
+            seeds.setdefault(run.seed, []).append(run)
+    return seeds
+
+
+def seed_differences(group: Group, baseline: Group, override: str, names: Sequence[str]) -> Difference:
+    mine, theirs = by_seed(group), by_seed(baseline)
+    seeds = sorted(set(mine) & set(theirs))
+    values: dict[str, list[float]] = {}
+    for name in names:
+        for seed in seeds:
+            pairs = [(compared_value(a, name, b), compared_value(b, name, a)) for a in mine[seed] for b in theirs[seed]]
+            pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+            if pairs:
+                values.setdefault(name, []).append(statistics.fmean(a - b for a, b in pairs))
+    return Difference(group.setting, override, seeds, values)
+
+
+def differences(groups: Sequence[Group], names: Sequence[str], baseline: str) -> list[Difference]:
+    """Every setting with another value of the baseline override's key, against the setting that has
+    the baseline's value instead (`row/rpo_weighting=dpo`: each row against DPO; with a second swept
+    key, each against DPO at its own value of that key). A setting whose baseline has no finished
+    run is a row without seeds, not left out."""
+    key, _, value = baseline.lstrip("+~").partition("=")
+    wanted = f"{key}={value}"
+    def overrides(group: Group) -> frozenset[str]:
+        return frozenset(o.lstrip("+~") for o in group.setting)
+    settings = {overrides(group): group for group in groups}
+    if not value or not any(wanted in found for found in settings):
+        shown = sorted({o for found in settings for o in found if o.partition("=")[0] == key})
+        raise ValueError(f"--baseline {baseline}: no run has this override (the runs have: {', '.join(shown) or 'no ' + key})")
+    results = []
+    for found, group in settings.items():
+        own = next((o for o in found if o.partition("=")[0] == key), None)
+        if own is not None and own != wanted:
+            counterpart = settings.get(found - {own} | {wanted})
+            results.append(seed_differences(group, counterpart, wanted, names) if counterpart
+                           else Difference(group.setting, wanted, [], {}))
+    return results
+
+
+def difference_markdown(results: Sequence[Difference], names: Sequence[str], keys: Sequence[str]) -> list[str]:
+    return ["", f"Against {results[0].baseline}, seed by seed (each seed's run minus the same seed's run with "
+            f"{results[0].baseline}: mean ± sd "
+            "(seeds) [95 % interval of the mean]; an unpaired run's same-prompt reward accuracy against a paired "
+            "baseline's reward accuracy):", "",
+            "| setting | seeds | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names),
+            *(f"| {label(result.setting, keys or None)} | {', '.join(map(str, result.seeds)) or 'none with the baseline'} | "
+              + " | ".join(summary_cell(result.values.get(name, []), "+") for name in names) + " |" for result in results)]
+
+
+def write_differences(results: Sequence[Difference], names: Sequence[str], out: Path) -> None:
+    columns = [f"{n} {statistic}" for n in names for statistic in ("mean", "sd", "ci95 low", "ci95 high", "n")]
+    rows = []
+    for result in results:
+        cells = []
+        for name in names:
+            values = result.values.get(name, [])
+            cells += [statistics.fmean(values) if values else "", statistics.stdev(values) if len(values) > 1 else "",
+                      *mean_interval(values), len(values)]
+        rows.append([label(result.setting), " ".join(map(str, result.seeds)), *cells])
+    write_csv(out / "versus_baseline.csv", ["setting", "seeds", *columns], rows)
+
+
 def write_csv(path: Path, header: list[str], rows: Iterable[list]) -> None:
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -422,7 +526,8 @@ def write_csv(path: Path, header: list[str], rows: Iterable[list]) -> None:
         writer.writerows(rows)
 
 
-def write_tables(runs: Sequence[Run], groups: Sequence[Group], out: Path, versus: Sequence[HeadToHead] = ()) -> None:
+def write_tables(runs: Sequence[Run], groups: Sequence[Group], out: Path, versus: Sequence[HeadToHead] = (),
+                 against: Sequence[Difference] = ()) -> None:
     names = metric_names(runs)
     write_csv(out / "runs.csv", ["run", "overrides", "seed", "state", *names, "step_s", "wall_s"],
               ([str(run.folder or ""), " ".join(run.overrides), run.seed, run.state, *(run.metrics.get(n, "") for n in names),
@@ -439,7 +544,9 @@ def write_tables(runs: Sequence[Run], groups: Sequence[Group], out: Path, versus
     write_csv(out / "table.csv", ["setting", "runs_finished", "runs", *columns], rows)
     if versus:
         write_head_to_heads(versus, out)
-    (out / "table.md").write_text(markdown(runs, groups, versus))
+    if against:
+        write_differences(against, names, out)
+    (out / "table.md").write_text(markdown(runs, groups, versus, against))
 
 
 def numeric(value: str) -> float | None:
@@ -527,7 +634,8 @@ def plot_curves(runs: Sequence[Run], out: Path) -> Path:
         axis.set_title(title, fontsize=9)
         axis.set_xlabel("examples seen (last stage)")
         axis.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=6)
+    if plotted:
+        axes[0][0].legend(fontsize=6)
     figure.tight_layout()
     path = out / "curves.png"
     figure.savefig(path, dpi=110)
@@ -541,14 +649,16 @@ def is_sweep(path: Path) -> bool:
     return path.is_dir() and not (path / "config.yaml").exists() and bool(run_folders(path))
 
 
-def build_table(paths: Sequence[Path], out: Path | None = None) -> Path:
+def build_table(paths: Sequence[Path], out: Path | None = None, baseline: str | None = None) -> Path:
     """Collect the runs, write the tables and plots into `out` (the first path if it is a sweep
-    folder, else the current folder); return the markdown table's path."""
+    folder, else the current folder), with each setting's seed-by-seed differences from the setting
+    that has the `baseline` override (`key=value`) where given; return the markdown table's path."""
     runs = collect(paths)
+    groups = group_runs(runs)
+    against = differences(groups, metric_names(runs), baseline) if baseline else []
     out = Path(out or (paths[0] if len(paths) == 1 and is_sweep(Path(paths[0])) else "."))
     out.mkdir(parents=True, exist_ok=True)
-    groups = group_runs(runs)
-    write_tables(runs, groups, out, head_to_heads(runs))
+    write_tables(runs, groups, out, head_to_heads(runs), against)
     plot_against_keys(runs, groups, out)
     plot_curves(runs, out)
     return out / "table.md"
@@ -573,10 +683,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", type=Path, help="a sweep folder (outputs/multirun/<time>) or run folders")
     parser.add_argument("--out", type=Path, help="where to write the tables and plots (default: the sweep folder, else .)")
+    parser.add_argument("--baseline", metavar="KEY=VALUE",
+                        help="add each setting's seed-by-seed differences from the one with this override instead "
+                             "(e.g. row/rpo_weighting=dpo; versus_baseline.csv)")
     args = parser.parse_args(argv)
     try:
-        table = build_table(args.paths, args.out)
-    except FileNotFoundError as error:
+        table = build_table(args.paths, args.out, args.baseline)
+    except (FileNotFoundError, ValueError) as error:
         parser.exit(2, f"error: {error}\n")
     print(table.read_text())
     print(f"Written: {table}, {table.with_name('table.csv')}, {table.with_name('runs.csv')} and the plots beside them")

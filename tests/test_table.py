@@ -242,3 +242,70 @@ def test_head_to_heads_need_the_rules_judge_the_runs_were_judged_by(tmp_path):
         write_row_job(sweep, number, row, seed, judge="openai")
     assert "Head to head" not in build_table([sweep]).read_text()
     assert not (sweep / "head_to_head.csv").exists()
+
+
+BASELINE_ACCURACY = {1: 0.60, 2: 0.70, 3: 0.65}  # dpo's reward accuracy by seed: seeds differ by far more than rows
+PAIRED_GAIN = {1: 0.01, 2: 0.03}  # paired minus dpo; seed 3's paired run failed
+SAME_PROMPT_GAIN = {1: -0.02, 2: 0.00, 3: 0.04}  # unpaired's same-prompt reward accuracy minus dpo's reward accuracy
+
+
+def write_weighting_run(root: Path, row: str, seed: int, final: dict, state: str = "finished") -> None:
+    folder = root / f"s{seed}_{row}"
+    (folder / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(["+experiment=rpo_weighting_small", f"seed={seed}", f"row/rpo_weighting={row}"]),
+                   folder / ".hydra" / "overrides.yaml")
+    OmegaConf.save(OmegaConf.create({"seed": seed}), folder / "config.yaml")
+    (folder / "summary.json").write_text(json.dumps({"stages": {"align": {"final_eval": final}}}))
+    (folder / "state.json").write_text(json.dumps({"state": state, "launches": [["2026-12-03T09:00:00", "2026-12-03T10:00:00"]]}))
+
+
+@pytest.fixture
+def weighting_runs(tmp_path) -> Path:
+    """Table 1's dpo, paired and unpaired rows over three seeds, as hh_runs/ holds them."""
+    root = tmp_path / "rpo_weighting_small"
+    for seed, accuracy in BASELINE_ACCURACY.items():
+        write_weighting_run(root, "dpo", seed, {"rewards/accuracy": accuracy, "logp_accuracy": 0.6, "rewards/margin": 0.16})
+        write_weighting_run(root, "paired", seed, {"rewards/accuracy": accuracy + PAIRED_GAIN.get(seed, 0), "logp_accuracy": 0.6,
+                                                    "rewards/margin": 0.16 + 2 * PAIRED_GAIN.get(seed, 0)},
+                            "finished" if seed in PAIRED_GAIN else "failed")
+        write_weighting_run(root, "unpaired", seed, {"rewards/accuracy": 0.5, "rewards/margin": 0.2,
+                                                      "rewards/accuracy_same_prompt": accuracy + SAME_PROMPT_GAIN[seed]})
+    return root
+
+
+def test_a_baseline_row_is_subtracted_seed_by_seed(weighting_runs, tmp_path):
+    """`--baseline row/rpo_weighting=dpo`: each row minus the same seed's DPO run, with the mean,
+    spread and t interval of those differences; a seed where either side did not finish is left out
+    of that row (and named); an unpaired row's same-prompt reward accuracy is set against DPO's
+    reward accuracy, and its all-against-all reward accuracy against nothing."""
+    table = build_table(sorted(weighting_runs.iterdir()), tmp_path / "out", "row/rpo_weighting=dpo").read_text()
+    versus = {row["setting"]: row for row in rows(tmp_path / "out" / "versus_baseline.csv")}
+    paired = versus["+experiment=rpo_weighting_small row/rpo_weighting=paired"]
+    gains = list(PAIRED_GAIN.values())
+    assert paired["seeds"] == "1 2" and paired["reward accuracy n"] == "2"
+    assert float(paired["reward accuracy mean"]) == pytest.approx(statistics.fmean(gains))
+    assert float(paired["reward accuracy sd"]) == pytest.approx(statistics.stdev(gains))
+    half = 12.7062 * statistics.stdev(gains) / 2**0.5  # t(0.975, 1 degree of freedom), from a printed t table
+    assert float(paired["reward accuracy ci95 low"]) == pytest.approx(statistics.fmean(gains) - half, abs=1e-4)
+    assert float(paired["margin mean"]) == pytest.approx(2 * statistics.fmean(gains))
+    assert float(paired["preference accuracy mean"]) == pytest.approx(0.0)
+    unpaired = versus["+experiment=rpo_weighting_small row/rpo_weighting=unpaired"]
+    same_prompt = list(SAME_PROMPT_GAIN.values())
+    assert unpaired["seeds"] == "1 2 3" and unpaired["reward accuracy n"] == "0"
+    assert float(unpaired["same-prompt reward accuracy mean"]) == pytest.approx(statistics.fmean(same_prompt))
+    assert float(unpaired["same-prompt reward accuracy sd"]) == pytest.approx(statistics.stdev(same_prompt))
+    assert "row/rpo_weighting=dpo" not in versus  # the baseline is no row of its own
+    assert "Against row/rpo_weighting=dpo, seed by seed" in table
+    assert "| row/rpo_weighting=paired | 1, 2 | +0.0200 ± 0.0141 (2) [-0.107, +0.147] |" in table
+
+
+def test_a_baseline_no_run_has_is_refused_by_the_command_line(weighting_runs, tmp_path):
+    command = [sys.executable, "-m", "eval.table", *map(str, sorted(weighting_runs.iterdir())), "--out", str(tmp_path / "out")]
+    result = subprocess.run([*command, "--baseline", "row/rpo_weighting=ipo"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "--baseline row/rpo_weighting=ipo: no run has this override" in result.stderr
+    assert "row/rpo_weighting=dpo, row/rpo_weighting=paired, row/rpo_weighting=unpaired" in result.stderr
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+    result = subprocess.run([*command, "--baseline", "row/rpo_weighting=dpo"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| row/rpo_weighting=unpaired | 1, 2, 3 | - | +0.0400 ± 0.0000 (3) [+0.040, +0.040] | - | +0.0067 ± 0.0306 (3) " in result.stdout
