@@ -21,7 +21,7 @@ setting is also compared with the one that has that override instead, seed by se
 seed share its SFT model and data order, so their differences are far less noisy than the
 per-setting means): mean, spread and interval of the differences. Written to the sweep folder (or
 `--out`): `table.md`, `runs.csv`, `table.csv`, `head_to_head.csv` (where there are head-to-heads),
-`versus_baseline.csv` (with `--baseline`),
+`versus_baseline.csv` and `.png` (with `--baseline`),
 `<key>.png` (each metric against each swept key) and `curves.png` (the training curves of every
 run). `train.py -m` builds it when the sweep ends and prints where it is.
 """
@@ -606,6 +606,41 @@ def plot_against_keys(runs: Sequence[Run], groups: Sequence[Group], out: Path) -
     return written
 
 
+def plot_differences(results: Sequence[Difference], names: Sequence[str], out: Path) -> Path:
+    """Each metric's seed-by-seed differences from the baseline: per setting the mean with its 95 %
+    interval as a bar, each seed as a dot, and the baseline at zero."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [name for name in names if any(result.values.get(name) for result in results)]
+    keys = swept_keys([Run(None, list(result.setting), "finished") for result in results]) or None
+    columns = min(3, len(shown))
+    rows = math.ceil(len(shown) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.4 * columns, 0.5 * len(results) * rows + 1.6 * rows), squeeze=False)
+    for axis, name in zip(axes.flat, shown, strict=False):
+        for place, result in enumerate(results):
+            values = result.values.get(name, [])
+            if values:
+                low, high = mean_interval(values)
+                mean = statistics.fmean(values)
+                if len(values) > 1:
+                    axis.errorbar([mean], [place], xerr=[[mean - low], [high - mean]], marker="o", capsize=3, color=f"C{place % 10}")
+                axis.scatter(values, [place] * len(values), s=10, color=f"C{place % 10}", alpha=0.45, zorder=3)
+        axis.axvline(0, color="black", linewidth=0.8)
+        axis.set_yticks(range(len(results)), [label(result.setting, keys) for result in results], fontsize=7)
+        axis.set_title(f"{name}\nminus {results[0].baseline}", fontsize=8)
+        axis.grid(alpha=0.3, axis="x")
+    for axis in list(axes.flat)[len(shown):]:
+        axis.set_visible(False)
+    figure.tight_layout()
+    path = out / "versus_baseline.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 def plot_curves(runs: Sequence[Run], out: Path) -> Path:
     """Training loss, held-out loss and reward accuracy of every run's last stage (the one the
     sweep compares: alignment after a shared SFT) against the examples that stage has seen; a
@@ -661,6 +696,8 @@ def build_table(paths: Sequence[Path], out: Path | None = None, baseline: str | 
     write_tables(runs, groups, out, head_to_heads(runs), against)
     plot_against_keys(runs, groups, out)
     plot_curves(runs, out)
+    if any(result.values for result in against):
+        plot_differences(against, metric_names(runs), out)
     return out / "table.md"
 
 

@@ -297,6 +297,8 @@ def test_a_baseline_row_is_subtracted_seed_by_seed(weighting_runs, tmp_path):
     assert "row/rpo_weighting=dpo" not in versus  # the baseline is no row of its own
     assert "Against row/rpo_weighting=dpo, seed by seed" in table
     assert "| row/rpo_weighting=paired | 1, 2 | +0.0200 ± 0.0141 (2) [-0.107, +0.147] |" in table
+    plot = (tmp_path / "out" / "versus_baseline.png").read_bytes()
+    assert plot.startswith(b"\x89PNG") and len(plot) > 10_000
 
 
 def test_a_baseline_no_run_has_is_refused_by_the_command_line(weighting_runs, tmp_path):
