@@ -606,7 +606,7 @@ def plot_against_keys(runs: Sequence[Run], groups: Sequence[Group], out: Path) -
     return written
 
 
-def plot_differences(results: Sequence[Difference], names: Sequence[str], out: Path) -> Path:
+def plot_differences(results: Sequence[Difference], names: Sequence[str], keys: Sequence[str], out: Path) -> Path:
     """Each metric's seed-by-seed differences from the baseline: per setting the mean with its 95 %
     interval as a bar, each seed as a dot, and the baseline at zero."""
     import matplotlib
@@ -615,7 +615,6 @@ def plot_differences(results: Sequence[Difference], names: Sequence[str], out: P
     import matplotlib.pyplot as plt
 
     shown = [name for name in names if any(result.values.get(name) for result in results)]
-    keys = swept_keys([Run(None, list(result.setting), "finished") for result in results]) or None
     columns = min(3, len(shown))
     rows = math.ceil(len(shown) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(4.4 * columns, 0.5 * len(results) * rows + 1.6 * rows), squeeze=False)
@@ -629,7 +628,7 @@ def plot_differences(results: Sequence[Difference], names: Sequence[str], out: P
                     axis.errorbar([mean], [place], xerr=[[mean - low], [high - mean]], marker="o", capsize=3, color=f"C{place % 10}")
                 axis.scatter(values, [place] * len(values), s=10, color=f"C{place % 10}", alpha=0.45, zorder=3)
         axis.axvline(0, color="black", linewidth=0.8)
-        axis.set_yticks(range(len(results)), [label(result.setting, keys) for result in results], fontsize=7)
+        axis.set_yticks(range(len(results)), [label(result.setting, keys or None) for result in results], fontsize=7)
         axis.set_title(f"{name}\nminus {results[0].baseline}", fontsize=8)
         axis.grid(alpha=0.3, axis="x")
     for axis in list(axes.flat)[len(shown):]:
@@ -689,15 +688,15 @@ def build_table(paths: Sequence[Path], out: Path | None = None, baseline: str | 
     folder, else the current folder), with each setting's seed-by-seed differences from the setting
     that has the `baseline` override (`key=value`) where given; return the markdown table's path."""
     runs = collect(paths)
-    groups = group_runs(runs)
-    against = differences(groups, metric_names(runs), baseline) if baseline else []
+    groups, names = group_runs(runs), metric_names(runs)
+    against = differences(groups, names, baseline) if baseline else []
     out = Path(out or (paths[0] if len(paths) == 1 and is_sweep(Path(paths[0])) else "."))
     out.mkdir(parents=True, exist_ok=True)
     write_tables(runs, groups, out, head_to_heads(runs), against)
     plot_against_keys(runs, groups, out)
     plot_curves(runs, out)
     if any(result.values for result in against):
-        plot_differences(against, metric_names(runs), out)
+        plot_differences(against, names, swept_keys(runs), out)
     return out / "table.md"
 
 
