@@ -19,7 +19,9 @@ never a silent gap. Where the runs' paper compares rows head to head (its `paper
 the verdicts pooled over seeds, beside the published numbers. With `--baseline key=value`, each
 setting is also compared with the one that has that override instead, seed by seed (the rows of one
 seed share its SFT model and data order, so their differences are far less noisy than the
-per-setting means): mean, spread and interval of the differences. Written to the sweep folder (or
+per-setting means): mean, spread and interval of the differences; a row of another preset (without
+that key) is set against the one baseline setting, and `--baseline` may be given more than once
+(a section of each). Written to the sweep folder (or
 `--out`): `table.md`, `runs.csv`, `table.csv`, `head_to_head.csv` (where there are head-to-heads),
 `versus_baseline.csv` and `.png` (with `--baseline`),
 `<key>.png` (each metric against each swept key) and `curves.png` (the training curves of every
@@ -255,13 +257,11 @@ def metric_names(runs: Sequence[Run]) -> list[str]:
 
 
 def swept_keys(runs: Sequence[Run]) -> list[str]:
-    """Override keys (seed aside) that take more than one value across the runs."""
-    values: dict[str, set[str]] = {}
-    for run in runs:
-        for override in run.setting:
-            key, _, value = override.partition("=")
-            values.setdefault(key, set()).add(value)
-    return [key for key, seen in values.items() if len(seen) > 1]
+    """Override keys (seed aside) that take more than one value across the runs, or that some runs
+    lack (the `row/<table>` key of each preset, where runs of two presets meet)."""
+    settings = [dict(override.partition("=")[::2] for override in run.setting) for run in runs]
+    keys = dict.fromkeys(key for setting in settings for key in setting)
+    return [key for key in keys if len({setting.get(key) for setting in settings}) > 1]
 
 
 def label(setting: Sequence[str], keys: Sequence[str] | None = None) -> str:
@@ -476,34 +476,50 @@ def seed_differences(group: Group, baseline: Group, override: str, names: Sequen
 def differences(groups: Sequence[Group], names: Sequence[str], baseline: str) -> list[Difference]:
     """Every setting with another value of the baseline override's key, against the setting that has
     the baseline's value instead (`row/rpo_weighting=dpo`: each row against DPO; with a second swept
-    key, each against DPO at its own value of that key). A setting whose baseline has no finished
+    key, each against DPO at its own value of that key). A setting without the key at all (a row of
+    another preset: `sr_small`'s rows beside `rpo_weighting_small`'s) is set against the baseline
+    setting when only one setting has the baseline override. A setting whose baseline has no finished
     run is a row without seeds, not left out."""
     key, _, value = baseline.lstrip("+~").partition("=")
     wanted = f"{key}={value}"
     def overrides(group: Group) -> frozenset[str]:
         return frozenset(o.lstrip("+~") for o in group.setting)
     settings = {overrides(group): group for group in groups}
-    if not value or not any(wanted in found for found in settings):
+    baselines = [group for found, group in settings.items() if wanted in found]
+    if not value or not baselines:
         shown = sorted({o for found in settings for o in found if o.partition("=")[0] == key})
         raise ValueError(f"--baseline {baseline}: no run has this override (the runs have: {', '.join(shown) or 'no ' + key})")
     results = []
     for found, group in settings.items():
         own = next((o for o in found if o.partition("=")[0] == key), None)
-        if own is not None and own != wanted:
+        if own is None and len(baselines) == 1:
+            results.append(seed_differences(group, baselines[0], wanted, names))
+        elif own is not None and own != wanted:
             counterpart = settings.get(found - {own} | {wanted})
             results.append(seed_differences(group, counterpart, wanted, names) if counterpart
                            else Difference(group.setting, wanted, [], {}))
     return results
 
 
+def by_baseline(results: Sequence[Difference]) -> dict[str, list[Difference]]:
+    """The differences from each baseline, in the order the baselines were given."""
+    found: dict[str, list[Difference]] = {}
+    for result in results:
+        found.setdefault(result.baseline, []).append(result)
+    return found
+
+
 def difference_markdown(results: Sequence[Difference], names: Sequence[str], keys: Sequence[str]) -> list[str]:
-    return ["", f"Against {results[0].baseline}, seed by seed (each seed's run minus the same seed's run with "
-            f"{results[0].baseline}: mean ± sd "
-            "(seeds) [95 % interval of the mean]; an unpaired run's same-prompt reward accuracy against a paired "
-            "baseline's reward accuracy):", "",
-            "| setting | seeds | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names),
-            *(f"| {label(result.setting, keys or None)} | {', '.join(map(str, result.seeds)) or 'none with the baseline'} | "
-              + " | ".join(summary_cell(result.values.get(name, []), "+") for name in names) + " |" for result in results)]
+    """A section per baseline."""
+    lines = []
+    for baseline, rows in by_baseline(results).items():
+        lines += ["", f"Against {baseline}, seed by seed (each seed's run minus the same seed's run with {baseline}: mean ± sd "
+                  "(seeds) [95 % interval of the mean]; an unpaired run's same-prompt reward accuracy against a paired "
+                  "baseline's reward accuracy):", "",
+                  "| setting | seeds | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names),
+                  *(f"| {label(row.setting, keys or None)} | {', '.join(map(str, row.seeds)) or 'none with the baseline'} | "
+                    + " | ".join(summary_cell(row.values.get(name, []), "+") for name in names) + " |" for row in rows)]
+    return lines
 
 
 def write_differences(results: Sequence[Difference], names: Sequence[str], out: Path) -> None:
@@ -515,8 +531,8 @@ def write_differences(results: Sequence[Difference], names: Sequence[str], out: 
             values = result.values.get(name, [])
             cells += [statistics.fmean(values) if values else "", statistics.stdev(values) if len(values) > 1 else "",
                       *mean_interval(values), len(values)]
-        rows.append([label(result.setting), " ".join(map(str, result.seeds)), *cells])
-    write_csv(out / "versus_baseline.csv", ["setting", "seeds", *columns], rows)
+        rows.append([label(result.setting), result.baseline, " ".join(map(str, result.seeds)), *cells])
+    write_csv(out / "versus_baseline.csv", ["setting", "baseline", "seeds", *columns], rows)
 
 
 def write_csv(path: Path, header: list[str], rows: Iterable[list]) -> None:
@@ -607,37 +623,47 @@ def plot_against_keys(runs: Sequence[Run], groups: Sequence[Group], out: Path) -
 
 
 def plot_differences(results: Sequence[Difference], names: Sequence[str], keys: Sequence[str], out: Path) -> Path:
-    """Each metric's seed-by-seed differences from the baseline: per setting the mean with its 95 %
-    interval as a bar, each seed as a dot, and the baseline at zero."""
+    """Each metric's seed-by-seed differences from each baseline (its own rows of panels): per setting
+    the mean with its 95 % interval as a bar, each seed as a dot, and the baseline at zero."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = [name for name in names if any(result.values.get(name) for result in results)]
-    columns = min(3, len(shown))
-    rows = math.ceil(len(shown) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4.4 * columns, 0.5 * len(results) * rows + 1.6 * rows), squeeze=False)
-    for axis, name in zip(axes.flat, shown, strict=False):
-        for place, result in enumerate(results):
-            values = result.values.get(name, [])
-            if values:
-                low, high = mean_interval(values)
-                mean = statistics.fmean(values)
-                if len(values) > 1:
-                    axis.errorbar([mean], [place], xerr=[[mean - low], [high - mean]], marker="o", capsize=3, color=f"C{place % 10}")
-                axis.scatter(values, [place] * len(values), s=10, color=f"C{place % 10}", alpha=0.45, zorder=3)
-        axis.axvline(0, color="black", linewidth=0.8)
-        axis.set_yticks(range(len(results)), [label(result.setting, keys or None) for result in results], fontsize=7)
-        axis.set_title(f"{name}\nminus {results[0].baseline}", fontsize=8)
-        axis.grid(alpha=0.3, axis="x")
-    for axis in list(axes.flat)[len(shown):]:
-        axis.set_visible(False)
+    blocks = [(rows, [name for name in names if any(row.values.get(name) for row in rows)])
+              for rows in by_baseline(results).values()]
+    blocks = [(rows, shown) for rows, shown in blocks if shown]
+    columns = min(3, max(len(shown) for _, shown in blocks))
+    heights = [math.ceil(len(shown) / columns) for _, shown in blocks]
+    tallest = max(len(rows) for rows, _ in blocks)
+    figure, axes = plt.subplots(sum(heights), columns, figsize=(4.4 * columns, (0.6 * tallest + 1.6) * sum(heights)), squeeze=False)
+    used = []
+    for (rows, shown), first in zip(blocks, itertools.accumulate([0, *heights]), strict=False):
+        for axis, name in zip(axes[first:].flat, shown, strict=False):
+            plot_difference_panel(axis, rows, name, keys)
+            used.append(axis)
+    for axis in axes.flat:
+        axis.set_visible(axis in used)
     figure.tight_layout()
     path = out / "versus_baseline.png"
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def plot_difference_panel(axis, rows: Sequence[Difference], name: str, keys: Sequence[str]) -> None:
+    for place, row in enumerate(rows):
+        values = row.values.get(name, [])
+        if values:
+            low, high = mean_interval(values)
+            mean = statistics.fmean(values)
+            if len(values) > 1:
+                axis.errorbar([mean], [place], xerr=[[mean - low], [high - mean]], marker="o", capsize=3, color=f"C{place % 10}")
+            axis.scatter(values, [place] * len(values), s=10, color=f"C{place % 10}", alpha=0.45, zorder=3)
+    axis.axvline(0, color="black", linewidth=0.8)
+    axis.set_yticks(range(len(rows)), [label(row.setting, keys or None).replace(" ", "\n") for row in rows], fontsize=7)
+    axis.set_title(f"{name}\nminus {rows[0].baseline}", fontsize=8)
+    axis.grid(alpha=0.3, axis="x")
 
 
 def plot_curves(runs: Sequence[Run], out: Path) -> Path:
@@ -683,13 +709,15 @@ def is_sweep(path: Path) -> bool:
     return path.is_dir() and not (path / "config.yaml").exists() and bool(run_folders(path))
 
 
-def build_table(paths: Sequence[Path], out: Path | None = None, baseline: str | None = None) -> Path:
+def build_table(paths: Sequence[Path], out: Path | None = None, baseline: str | Sequence[str] = ()) -> Path:
     """Collect the runs, write the tables and plots into `out` (the first path if it is a sweep
     folder, else the current folder), with each setting's seed-by-seed differences from the setting
-    that has the `baseline` override (`key=value`) where given; return the markdown table's path."""
+    that has the `baseline` override (`key=value`; or each of several) where given; return the
+    markdown table's path."""
     runs = collect(paths)
     groups, names = group_runs(runs), metric_names(runs)
-    against = differences(groups, names, baseline) if baseline else []
+    baselines = [baseline] if isinstance(baseline, str) else list(baseline or ())
+    against = [result for each in baselines for result in differences(groups, names, each)]
     out = Path(out or (paths[0] if len(paths) == 1 and is_sweep(Path(paths[0])) else "."))
     out.mkdir(parents=True, exist_ok=True)
     write_tables(runs, groups, out, head_to_heads(runs), against)
@@ -719,9 +747,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", type=Path, help="a sweep folder (outputs/multirun/<time>) or run folders")
     parser.add_argument("--out", type=Path, help="where to write the tables and plots (default: the sweep folder, else .)")
-    parser.add_argument("--baseline", metavar="KEY=VALUE",
+    parser.add_argument("--baseline", metavar="KEY=VALUE", action="append", default=[],
                         help="add each setting's seed-by-seed differences from the one with this override instead "
-                             "(e.g. row/rpo_weighting=dpo; versus_baseline.csv)")
+                             "(e.g. row/rpo_weighting=dpo; versus_baseline.csv); may be given more than once")
     args = parser.parse_args(argv)
     try:
         table = build_table(args.paths, args.out, args.baseline)

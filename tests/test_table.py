@@ -249,10 +249,10 @@ PAIRED_GAIN = {1: 0.01, 2: 0.03}  # paired minus dpo; seed 3's paired run failed
 SAME_PROMPT_GAIN = {1: -0.02, 2: 0.00, 3: 0.04}  # unpaired's same-prompt reward accuracy minus dpo's reward accuracy
 
 
-def write_weighting_run(root: Path, row: str, seed: int, final: dict, state: str = "finished") -> None:
+def write_weighting_run(root: Path, row: str, seed: int, final: dict, state: str = "finished", table: str = "rpo_weighting") -> None:
     folder = root / f"s{seed}_{row}"
     (folder / ".hydra").mkdir(parents=True)
-    OmegaConf.save(OmegaConf.create(["+experiment=rpo_weighting_small", f"seed={seed}", f"row/rpo_weighting={row}"]),
+    OmegaConf.save(OmegaConf.create([f"+experiment={table}_small", f"seed={seed}", f"row/{table}={row}"]),
                    folder / ".hydra" / "overrides.yaml")
     OmegaConf.save(OmegaConf.create({"seed": seed}), folder / "config.yaml")
     (folder / "summary.json").write_text(json.dumps({"stages": {"align": {"final_eval": final}}}))
@@ -311,3 +311,38 @@ def test_a_baseline_no_run_has_is_refused_by_the_command_line(weighting_runs, tm
     result = subprocess.run([*command, "--baseline", "row/rpo_weighting=dpo"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| row/rpo_weighting=unpaired | 1, 2, 3 | - | +0.0400 ± 0.0000 (3) [+0.040, +0.040] | - | +0.0067 ± 0.0306 (3) " in result.stdout
+
+
+SR_DPO_GAIN = {1: 0.02, 2: 0.01, 3: 0.03}  # sr_dpo minus rpo_weighting's dpo (the same training as sr's dpo)
+SR_IPO_GAIN = {1: 0.00, 2: 0.01, 3: -0.01}  # sr_ipo minus ipo
+IPO_ACCURACY = {1: 0.55, 2: 0.66, 3: 0.61}
+
+
+def test_rows_of_another_preset_are_set_against_the_one_baseline_and_baselines_repeat(weighting_runs, tmp_path):
+    """`sr_small`'s rows (no `row/rpo_weighting` key) beside `rpo_weighting_small`'s DPO runs, with
+    `--baseline row/rpo_weighting=dpo --baseline row/sr=ipo`: Sr-DPO, IPO and Sr-IPO minus DPO seed by
+    seed, Sr-DPO and Sr-IPO minus IPO (and DPO minus IPO, the DPO runs having no `row/sr`), a section
+    of table.md and rows of versus_baseline.csv for each baseline."""
+    root = tmp_path / "sr_small"
+    for seed, dpo in BASELINE_ACCURACY.items():
+        accuracies = {"sr_dpo": dpo + SR_DPO_GAIN[seed], "ipo": IPO_ACCURACY[seed], "sr_ipo": IPO_ACCURACY[seed] + SR_IPO_GAIN[seed]}
+        for row, accuracy in accuracies.items():
+            write_weighting_run(root, row, seed, {"rewards/accuracy": accuracy, "rewards/margin": 0.1}, table="sr")
+    runs = [*sorted(root.iterdir()), *sorted(weighting_runs.glob("*_dpo"))]
+    command = [sys.executable, "-m", "eval.table", *map(str, runs), "--out", str(tmp_path / "out"),
+               "--baseline", "row/rpo_weighting=dpo", "--baseline", "row/sr=ipo"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    versus = {(row["setting"], row["baseline"]): row for row in rows(tmp_path / "out" / "versus_baseline.csv")}
+    def mean(row: str, table: str, baseline: str) -> float:
+        found = versus[(f"+experiment={table}_small row/{table}={row}", baseline)]
+        assert found["seeds"] == "1 2 3"
+        return float(found["reward accuracy mean"])
+    assert mean("sr_dpo", "sr", "row/rpo_weighting=dpo") == pytest.approx(statistics.fmean(SR_DPO_GAIN.values()))
+    assert mean("sr_ipo", "sr", "row/sr=ipo") == pytest.approx(statistics.fmean(SR_IPO_GAIN.values()))
+    dpo_minus_ipo = [BASELINE_ACCURACY[seed] - IPO_ACCURACY[seed] for seed in BASELINE_ACCURACY]
+    assert mean("dpo", "rpo_weighting", "row/sr=ipo") == pytest.approx(statistics.fmean(dpo_minus_ipo))
+    assert len(versus) == 6  # sr_dpo, ipo, sr_ipo against DPO; sr_dpo, sr_ipo, dpo against IPO
+    assert "Against row/rpo_weighting=dpo, seed by seed" in result.stdout
+    assert "Against row/sr=ipo, seed by seed" in result.stdout
+    assert "| +experiment=rpo_weighting_small row/rpo_weighting=dpo | 1, 2, 3 |" in result.stdout  # its row key shown
