@@ -34,6 +34,8 @@ from preference_datasets import (
     LabelledResponse,
     PairTokenizer,
     PreferencePair,
+    TokenizedPair,
+    TokenizedResponse,
     as_items,
     evaluation_slice,
     fingerprint,
@@ -252,12 +254,25 @@ NOT_READ_BY_SFT = ("loss", "align", "eval", "run_name", "runs_root", "resume", "
                    "heldout")
 
 
-def sft_key(cfg: DictConfig, examples: dict[str, list[Example]]) -> str:
+def sft_key(cfg: DictConfig, data: dict[str, list]) -> str:
     """What an SFT stage's result depends on: the `comparable` config less `NOT_READ_BY_SFT` (and
-    `sft.reuse`), and the examples it trains on and evaluates."""
+    `sft.reuse`), and the token ids it trains on and evaluates, in order (`sft_view`)."""
     settings = {key: value for key, value in comparable(cfg).items() if key not in NOT_READ_BY_SFT}
     settings["sft"] = {key: value for key, value in settings["sft"].items() if key != "reuse"}
-    return text_fingerprint(settings, fingerprint(examples["train"]), fingerprint(examples["test"]))
+    return text_fingerprint(settings, sft_view(data))
+
+
+def sft_view(data: dict[str, list]) -> dict[str, list[tuple[list[int], list[int]]]]:
+    """Per split, the prompt and response token ids an SFT stage draws from, in order: each pair's
+    chosen response, or each desirable response of unpaired data (what its SFT samples). Pairs and
+    their unpaired view (a table's paired and unpaired rows) give the same view, each response being
+    cut on its own, so they share one SFT model."""
+    def chosen(example: TokenizedPair | TokenizedResponse) -> tuple[list[int], list[int]] | None:
+        if isinstance(example, TokenizedPair):
+            return example.prompt, example.chosen
+        return (example.prompt, example.response) if example.desirable else None
+
+    return {split: [view for view in map(chosen, rows) if view is not None] for split, rows in data.items()}
 
 
 def sft_record(cfg: DictConfig, key: str) -> Path:
@@ -434,8 +449,9 @@ def report(results: dict, run_dir: Path, final_model: Path, cfg: DictConfig) -> 
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\nFinal model: {final_model}")
-    if first.get("logp_accuracy") is not None:  # pairs only: unpaired data has no same-prompt comparison
-        steps = " -> ".join(f"{name} {value:.3f}" for name, value in accuracy)
+    measured = [(name, value) for name, value in accuracy if value is not None]  # pairs only (an SFT stage reused from
+    if measured:  # a paired run by an unpaired one has it): unpaired data has no same-prompt comparison
+        steps = " -> ".join(f"{name} {value:.3f}" for name, value in measured)
         print(f"Held-out preference accuracy (log pi(chosen) > log pi(rejected)): {steps}")
     if "align" in results:
         final = results["align"]["final_eval"]
@@ -460,7 +476,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
             tokenizer = load_tokenizer(cfg)
         data = tokenize_examples(cfg, tokenizer, examples)
         embeddings = contrast_embeddings(cfg, examples)
-        reuse_key = sft_key(cfg, examples) if cfg.sft.get("reuse") and "sft" in stages(cfg) else None
+        reuse_key = sft_key(cfg, data) if cfg.sft.get("reuse") and "sft" in stages(cfg) else None
         return train_stages(cfg, trainer_type, run_dir, data, tokenizer, embeddings, reuse_key)
     except BaseException as error:
         if is_main_process():

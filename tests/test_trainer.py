@@ -447,6 +447,20 @@ def test_a_stage_batch_size_sizes_that_stage_only(make_cfg, tmp_path):
     assert cfg.train.batch_size == 4  # the run's config is left as composed
 
 
+def test_an_unpaired_row_takes_the_sft_of_a_paired_row_on_the_same_pairs(make_cfg, tmp_path, capsys):
+    """Unpaired RPO on pairs (Table 1's `unpaired` row) trains SFT on the pairs' chosen responses, in
+    the order a paired row does: it takes the paired row's SFT model, bit for bit the one it would
+    train itself (the key is the SFT's token ids in order: another seed, data or SFT setting trains its
+    own, as the test below checks)."""
+    small = ("sft.reuse=true", "align.max_examples=8", "seed=7")  # a seed of its own: the cache is shared between tests
+    train.run(make_cfg("loss=dpo", *small), tmp_path / "paired")
+    train.run(make_cfg("loss=rpo_unpaired", *small), tmp_path / "reused")
+    assert "Stage sft: the same SFT (model, data, SFT settings, seed) finished in" in capsys.readouterr().out
+    train.run(make_cfg("loss=rpo_unpaired", "sft.reuse=false", "align.max_examples=8", "seed=7"), tmp_path / "trained")
+    reused, trained = (load_file(tmp_path / name / "sft" / "final" / "model.safetensors") for name in ("reused", "trained"))
+    assert all(torch.equal(reused[key], trained[key]) for key in trained)
+
+
 def test_a_run_takes_the_sft_stage_of_an_earlier_run_with_the_same_sft(make_cfg, tmp_path, capsys):
     """`sft.reuse`: a sweep over alignment keys trains SFT once. The reused stage equals training it
     again (the same weights, so the same aligned model); another SFT setting or seed trains its own."""
