@@ -5,9 +5,10 @@ Each row is the preset's sweep restricted to one job, the command REPRODUCTION.m
 `python train.py +experiment=<preset> seed=<seed> row/<group>=<row>`. The two workers start on
 different seeds (each seed trains its SFT model once; its other rows reuse it through `sft.reuse`
 and the reference cache) and skip rows that are finished, recorded, or run by the other worker.
-B takes a seed's `unpaired` row first: it trains an SFT model and reference log-probs of its own
-(its examples are single responses), so when both workers reach a seed together, one trains the
-seed's shared SFT model while the other runs that row, rather than both training the same model.
+B takes a seed's `unpaired` row first: with the code these rows run (527e235; since 98634c3
+`sft.reuse` shares the paired rows' SFT with it) it trains an SFT model and reference log-probs of
+its own (its examples are single responses), so when both workers reach a seed together, one trains
+the seed's shared SFT model while the other runs that row, rather than both training the same model.
 A finished run's record (config, state, summary, metrics, Hydra's overrides, re-evaluations; not
 the weights) is copied to docs/reproduction/hh_runs/<preset>/s<seed>_<row>/, where `eval.table`
 reads it: the tables outlive the machine the runs were made on. Rows run from a copy of the code
