@@ -21,9 +21,10 @@ setting is also compared with the one that has that override instead, seed by se
 seed share its SFT model and data order, so their differences are far less noisy than the
 per-setting means): mean, spread and interval of the differences; a row of another preset (without
 that key) is set against the one baseline setting, and `--baseline` may be given more than once
-(a section of each). Written to the sweep folder (or
+(a section of each); without it, the runs' presets' own baselines (`paper.table_baselines`, those
+some run has), `--baseline none` for none. Written to the sweep folder (or
 `--out`): `table.md`, `runs.csv`, `table.csv`, `head_to_head.csv` (where there are head-to-heads),
-`versus_baseline.csv` and `.png` (with `--baseline`),
+`versus_baseline.csv` and `.png` (with a baseline),
 `<key>.png` (each metric against each swept key) and `curves.png` (the training curves of every
 run). `train.py -m` builds it when the sweep ends and prints where it is.
 """
@@ -80,6 +81,7 @@ class Run:
     judge: str | None = None  # the judge of its evaluation after training
     reevaluated: str | None = None  # when `python -m eval.heldout` scored it again (its figures replace the recorded ones)
     published: dict = field(default_factory=dict)  # its paper's published numbers (config `paper.published`)
+    table_baselines: list[str] = field(default_factory=list)  # its preset's comparisons (config `paper.table_baselines`)
 
     @property
     def row(self) -> str | None:
@@ -128,6 +130,7 @@ def read_run(folder: Path) -> Run:
         config = OmegaConf.load(config_file)
         run.seed = config.get("seed")
         run.published = OmegaConf.to_container(OmegaConf.select(config, "paper.published", default=None) or OmegaConf.create({}))
+        run.table_baselines = [str(b) for b in OmegaConf.select(config, "paper.table_baselines", default=None) or ()]
     metrics_file, summary_file = folder / "metrics.jsonl", folder / "summary.json"
     if metrics_file.exists():
         run.curves = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
@@ -709,14 +712,28 @@ def is_sweep(path: Path) -> bool:
     return path.is_dir() and not (path / "config.yaml").exists() and bool(run_folders(path))
 
 
-def build_table(paths: Sequence[Path], out: Path | None = None, baseline: str | Sequence[str] = ()) -> Path:
+def preset_baselines(runs: Sequence[Run], groups: Sequence[Group]) -> list[str]:
+    """The comparisons the runs' presets name (`paper.table_baselines`, in order), those that some
+    run has the override of; one that none has (a sweep restricted to other rows) is said and skipped."""
+    named = list(dict.fromkeys(baseline for run in runs for baseline in run.table_baselines))
+    present = {o.lstrip("+~") for group in groups for o in group.setting}
+    for baseline in named:
+        if baseline.lstrip("+~") not in present:
+            print(f"The preset compares with {baseline}, which no run has: that comparison is left out")
+    return [baseline for baseline in named if baseline.lstrip("+~") in present]
+
+
+def build_table(paths: Sequence[Path], out: Path | None = None, baseline: str | Sequence[str] | None = None) -> Path:
     """Collect the runs, write the tables and plots into `out` (the first path if it is a sweep
     folder, else the current folder), with each setting's seed-by-seed differences from the setting
-    that has the `baseline` override (`key=value`; or each of several) where given; return the
-    markdown table's path."""
+    that has the `baseline` override (`key=value`; or each of several); by default (None) those the
+    runs' presets name, an empty list for none; return the markdown table's path."""
     runs = collect(paths)
     groups, names = group_runs(runs), metric_names(runs)
-    baselines = [baseline] if isinstance(baseline, str) else list(baseline or ())
+    if baseline is None:
+        baselines = preset_baselines(runs, groups)
+    else:
+        baselines = [baseline] if isinstance(baseline, str) else list(baseline)
     against = [result for each in baselines for result in differences(groups, names, each)]
     out = Path(out or (paths[0] if len(paths) == 1 and is_sweep(Path(paths[0])) else "."))
     out.mkdir(parents=True, exist_ok=True)
@@ -747,12 +764,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", type=Path, help="a sweep folder (outputs/multirun/<time>) or run folders")
     parser.add_argument("--out", type=Path, help="where to write the tables and plots (default: the sweep folder, else .)")
-    parser.add_argument("--baseline", metavar="KEY=VALUE", action="append", default=[],
+    parser.add_argument("--baseline", metavar="KEY=VALUE", action="append",
                         help="add each setting's seed-by-seed differences from the one with this override instead "
-                             "(e.g. row/rpo_weighting=dpo; versus_baseline.csv); may be given more than once")
+                             "(e.g. row/rpo_weighting=dpo; versus_baseline.csv); may be given more than once; "
+                             "default: those the runs' presets name (paper.table_baselines); `none`: no comparison")
     args = parser.parse_args(argv)
+    baselines = None if args.baseline is None else [b for b in args.baseline if b != "none"]
     try:
-        table = build_table(args.paths, args.out, args.baseline)
+        table = build_table(args.paths, args.out, baselines)
     except (FileNotFoundError, ValueError) as error:
         parser.exit(2, f"error: {error}\n")
     print(table.read_text())

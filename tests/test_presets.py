@@ -5,6 +5,7 @@ The `small` variants run the same comparisons at CPU scale; one runs through the
 
 from __future__ import annotations
 
+import csv
 import functools
 import itertools
 import json
@@ -290,6 +291,23 @@ PUBLISHED = {
 }
 
 
+# what each table's rows are read against (`paper.table_baselines`: eval.table's default comparisons,
+# seed by seed); Table 2 (tau x embedding model) and the choice of lambda have no baseline row
+TABLE_BASELINES = {
+    "rpo_weighting": ["row/rpo_weighting=dpo"],
+    "rpo_group": ["row/rpo_group=g2"],
+    "rpo_methods": ["loss=dpo"],
+    "rpo_embedding_input": ["loss.embedding.input=prompt"],
+    "rpo_beta": ["loss=dpo"],
+    "rpo_temperature": ["loss=dpo"],
+    "rpo_unpaired_llama3": ["loss=kto"],
+    "rpo_armorm": ["row/rpo_armorm=dpo"],
+    "rpo_simpo": ["loss=simpo"],
+    "sr": ["row/sr=dpo", "row/sr=ipo"],
+    "sr_zephyr": ["row/sr=dpo", "row/sr=ipo"],
+}
+
+
 def composed(overrides: tuple[str, ...], hydra_config: bool = False):
     with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
         return compose("config", overrides=list(overrides), return_hydra_config=hydra_config)
@@ -338,6 +356,17 @@ def test_each_preset_states_the_published_numbers(preset):
     for row, reason in paper.get("not_run", {}).items():  # a row of the paper the project cannot run is named, with why
         assert "not implemented" in reason and not any(row in label for label in sweep_jobs(preset))
 
+
+@pytest.mark.parametrize("preset", sorted(PUBLISHED))
+def test_each_preset_names_the_rows_its_table_is_read_against(preset):
+    """Each baseline is a job of the preset's sweep (and of its small variant's), not every job."""
+    for variant in (preset, f"{preset}_small"):
+        jobs = sweep_jobs(variant)
+        named = [str(b) for b in next(iter(jobs.values())).paper.get("table_baselines", [])]
+        assert named == TABLE_BASELINES.get(preset, []), variant
+        for baseline in named:
+            having = [label for label in jobs if baseline in label.split()]
+            assert 0 < len(having) < len(jobs), f"{variant}: {baseline}"
 
 def test_the_rows_set_what_only_they_change():
     """Rows that look alike differ where the paper says: the [1, 10] rating prompt, the official weights."""
@@ -404,6 +433,11 @@ def test_a_small_preset_sweeps_through_the_cli_and_ends_in_its_table(tmp_path, f
     assert f"Sweep table: {sweep / 'table.md'}" in result.stdout
     for group in (2, 4, 6, 8):
         assert f"| row/rpo_group=g{group} | 1 / 1 |" in table
+    assert "Against row/rpo_group=g2, seed by seed" in table  # the preset's comparison (paper.table_baselines)
+    with (sweep / "versus_baseline.csv").open() as handle:
+        versus = {next(o for o in row["setting"].split() if o.startswith("row/")): row for row in csv.DictReader(handle)}
+    assert sorted(versus) == [f"row/rpo_group=g{group}" for group in (4, 6, 8)], versus
+    assert all(row["baseline"] == "row/rpo_group=g2" and row["margin n"] == "1" for row in versus.values())
     states = [json.loads(path.read_text())["state"] for path in sweep.glob("*/state.json")]
     assert states == ["finished"] * 4
 

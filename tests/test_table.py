@@ -346,3 +346,27 @@ def test_rows_of_another_preset_are_set_against_the_one_baseline_and_baselines_r
     assert "Against row/rpo_weighting=dpo, seed by seed" in result.stdout
     assert "Against row/sr=ipo, seed by seed" in result.stdout
     assert "| +experiment=rpo_weighting_small row/rpo_weighting=dpo | 1, 2, 3 |" in result.stdout  # its row key shown
+
+
+def test_the_presets_baselines_are_the_default_and_none_turns_them_off(weighting_runs, tmp_path):
+    """Runs whose preset names `paper.table_baselines` are compared with those rows without
+    `--baseline` (as in the table a `-m` sweep ends with); a baseline no run has is said and left
+    out; `--baseline none` gives the table alone."""
+    for config in weighting_runs.glob("*/config.yaml"):
+        settings = OmegaConf.load(config)
+        settings.paper = {"table_baselines": ["row/rpo_weighting=dpo", "row/rpo_weighting=uniform"]}
+        OmegaConf.save(settings, config)
+    command = [sys.executable, "-m", "eval.table", *map(str, sorted(weighting_runs.iterdir()))]
+    result = subprocess.run([*command, "--out", str(tmp_path / "preset")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "The preset compares with row/rpo_weighting=uniform, which no run has" in result.stdout
+    versus = {row["setting"]: row for row in rows(tmp_path / "preset" / "versus_baseline.csv")}
+    assert {row["baseline"] for row in versus.values()} == {"row/rpo_weighting=dpo"}
+    paired = versus["+experiment=rpo_weighting_small row/rpo_weighting=paired"]
+    assert float(paired["reward accuracy mean"]) == pytest.approx(statistics.fmean(PAIRED_GAIN.values()))
+    assert "Against row/rpo_weighting=dpo, seed by seed" in result.stdout
+    result = subprocess.run([*command, "--out", str(tmp_path / "none"), "--baseline", "none"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Against" not in result.stdout and not (tmp_path / "none" / "versus_baseline.csv").exists()
+    assert (tmp_path / "none" / "table.csv").exists()
