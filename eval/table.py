@@ -476,6 +476,11 @@ def seed_differences(group: Group, baseline: Group, override: str, names: Sequen
     return Difference(group.setting, override, seeds, values)
 
 
+def plain_overrides(group: Group) -> frozenset[str]:
+    """The setting's overrides without Hydra's `+` and `~` prefixes: how a baseline is matched."""
+    return frozenset(o.lstrip("+~") for o in group.setting)
+
+
 def differences(groups: Sequence[Group], names: Sequence[str], baseline: str) -> list[Difference]:
     """Every setting with another value of the baseline override's key, against the setting that has
     the baseline's value instead (`row/rpo_weighting=dpo`: each row against DPO; with a second swept
@@ -485,9 +490,7 @@ def differences(groups: Sequence[Group], names: Sequence[str], baseline: str) ->
     run is a row without seeds, not left out."""
     key, _, value = baseline.lstrip("+~").partition("=")
     wanted = f"{key}={value}"
-    def overrides(group: Group) -> frozenset[str]:
-        return frozenset(o.lstrip("+~") for o in group.setting)
-    settings = {overrides(group): group for group in groups}
+    settings = {plain_overrides(group): group for group in groups}
     baselines = [group for found, group in settings.items() if wanted in found]
     if not value or not baselines:
         shown = sorted({o for found in settings for o in found if o.partition("=")[0] == key})
@@ -716,7 +719,7 @@ def preset_baselines(runs: Sequence[Run], groups: Sequence[Group]) -> list[str]:
     """The comparisons the runs' presets name (`paper.table_baselines`, in order), those that some
     run has the override of; one that none has (a sweep restricted to other rows) is said and skipped."""
     named = list(dict.fromkeys(baseline for run in runs for baseline in run.table_baselines))
-    present = {o.lstrip("+~") for group in groups for o in group.setting}
+    present = frozenset().union(*map(plain_overrides, groups))
     for baseline in named:
         if baseline.lstrip("+~") not in present:
             print(f"The preset compares with {baseline}, which no run has: that comparison is left out")
