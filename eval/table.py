@@ -670,6 +670,8 @@ def plot_difference_panel(axis, rows: Sequence[Difference], name: str, keys: Seq
     axis.set_yticks(range(len(rows)), [label(row.setting, keys or None).replace(" ", "\n") for row in rows], fontsize=7)
     axis.set_title(f"{name}\nminus {rows[0].baseline}", fontsize=8)
     axis.grid(alpha=0.3, axis="x")
+    axis.locator_params(axis="x", nbins=5)  # wide intervals otherwise crowd the tick labels into each other
+    axis.tick_params(axis="x", labelsize=8)
 
 
 def plot_curves(runs: Sequence[Run], out: Path) -> Path:

@@ -4,6 +4,7 @@ seeds), plots against the swept key and the training curves; failed and missing 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from eval.table import build_table, collect, read_run
+from eval.table import Difference, build_table, collect, plot_difference_panel, read_run
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCURACY = {("0.25", 0): 0.5, ("0.25", 1): 0.75, ("0.25", 2): 1.0, ("0.5", 0): 0.25}  # finished jobs: (tau, seed) -> accuracy
@@ -370,3 +371,29 @@ def test_the_presets_baselines_are_the_default_and_none_turns_them_off(weighting
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Against" not in result.stdout and not (tmp_path / "none" / "versus_baseline.csv").exists()
     assert (tmp_path / "none" / "table.csv").exists()
+
+
+def test_a_wide_interval_leaves_the_tick_labels_apart():
+    """A panel of the differences plot as `plot_differences` lays out RPO Table 1 on HH (six panels,
+    four rows each) whose interval spans 0.13 (unpaired RPO's same-prompt accuracy) keeps its tick
+    labels from running into each other."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    name = "same-prompt reward accuracy"
+    rows = [Difference(("+experiment=rpo_weighting_small", f"row/rpo_weighting={row}"), "row/rpo_weighting=dpo", [1, 2, 3],
+                       {name: [-0.0204, -0.0243, 0.0223]} if row == "unpaired" else {})
+            for row in ("diagonal", "paired", "uniform", "unpaired")]
+    figure, axes = plt.subplots(2, 3, figsize=(13.2, 8.0), squeeze=False)
+    for axis in axes.flat:
+        plot_difference_panel(axis, rows, name, ["row/rpo_weighting"])
+    figure.tight_layout()
+    renderer, panel = figure.canvas.get_renderer(), axes[1, 2]
+    low, high = panel.get_xlim()
+    boxes = [label.get_window_extent(renderer) for label in panel.get_xticklabels()
+             if label.get_visible() and label.get_text() and low <= label.get_position()[0] <= high]
+    plt.close(figure)
+    assert len(boxes) >= 3
+    assert all(left.x1 < right.x0 for left, right in itertools.pairwise(sorted(boxes, key=lambda box: box.x0)))
