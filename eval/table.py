@@ -11,7 +11,8 @@ stage's final held-out loss, reward accuracy and margin, preference accuracy and
 step time (the last stage's training steps) and wall time and, where it was judged
 (`eval.after_training`), its win rates, plain and with ties counted half (`summary.json`). Runs
 that differ only in `seed` form a group: mean, sample standard deviation, 95 % interval of the
-mean (Student's t) and count. A sweep folder's expected jobs come
+mean (Student's t) and count, beside what the paper published for the setting (`paper.published`,
+walked down by the setting's override values). A sweep folder's expected jobs come
 from its `multirun.yaml`, so a job that failed, was stopped or never started is a row that says so,
 never a silent gap. Where the runs' paper compares rows head to head (its `paper.published` has
 "A vs B" entries, as the Sr paper's MT-Bench tables) and the runs were judged by the `rules` judge
@@ -81,6 +82,7 @@ class Run:
     judge: str | None = None  # the judge of its evaluation after training
     reevaluated: str | None = None  # when `python -m eval.heldout` scored it again (its figures replace the recorded ones)
     published: dict = field(default_factory=dict)  # its paper's published numbers (config `paper.published`)
+    paper: str = ""  # the table and measure those numbers are (config `paper.source`, `paper.metric`)
     table_baselines: list[str] = field(default_factory=list)  # its preset's comparisons (config `paper.table_baselines`)
 
     @property
@@ -131,6 +133,8 @@ def read_run(folder: Path) -> Run:
         run.seed = config.get("seed")
         run.published = OmegaConf.to_container(OmegaConf.select(config, "paper.published", default=None) or OmegaConf.create({}))
         run.table_baselines = [str(b) for b in OmegaConf.select(config, "paper.table_baselines", default=None) or ()]
+        run.paper = ", ".join(str(OmegaConf.select(config, f"paper.{key}")) for key in ("source", "metric")
+                              if OmegaConf.select(config, f"paper.{key}", default=None) is not None)
     metrics_file, summary_file = folder / "metrics.jsonl", folder / "summary.json"
     if metrics_file.exists():
         run.curves = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
@@ -236,6 +240,44 @@ class Group:
     def interval(self, metric: str) -> tuple[float, float]:
         return mean_interval(self.values(metric))
 
+    @property
+    def published(self) -> dict[str, float]:
+        """What the paper reported for this setting (`published_numbers`; the runs share a config)."""
+        return published_numbers(self.runs[0].published, self.setting) if self.runs else {}
+
+
+def same_value(key: object, value: str) -> bool:
+    """Whether a `paper.published` key names an override's value (`0.5` is `0.50`)."""
+    number = numeric(str(key))
+    return str(key) == value or (number is not None and number == numeric(value))
+
+
+def published_numbers(published: dict, setting: Sequence[str]) -> dict[str, float]:
+    """The paper's numbers for a setting: `paper.published` walked down by the setting's override
+    values, a level at a time, whatever the order of the levels (`row/rpo_weighting=dpo` -> 72.26;
+    `loss=rpo loss.beta=0.5` -> loss, then beta; `row/rpo_armorm=dpo` -> one number per benchmark).
+    `{"": number}` for a single number, benchmark -> number for several; {} where the setting
+    names no entry (a head-to-head "A vs B" table, or a preset that publishes none)."""
+    values = [override.partition("=")[2] for override in setting]
+    level, matched = published, False
+    while isinstance(level, dict):
+        key = next((key for key in level if any(same_value(key, value) for value in values)), None)
+        if key is None:
+            break
+        level, matched = level[key], True
+    if not matched:
+        return {}
+    if isinstance(level, int | float) and not isinstance(level, bool):
+        return {"": float(level)}
+    if isinstance(level, dict) and level and all(isinstance(v, int | float) and not isinstance(v, bool) for v in level.values()):
+        return {str(key): float(value) for key, value in level.items()}
+    return {}
+
+
+def published_columns(groups: Sequence[Group]) -> list[str]:
+    """The published numbers' columns: `published`, or `published <benchmark>` for each benchmark."""
+    return list(dict.fromkeys(f"published {name}".rstrip() for group in groups for name in group.published))
+
 
 def mean_interval(values: Sequence[float]) -> tuple[float, float]:
     """The 95 % confidence interval of the mean (Student's t with n - 1 degrees of freedom: with 3
@@ -303,19 +345,31 @@ def summary_cell(values: Sequence[float], sign: str = "") -> str:
     return f"{statistics.fmean(values):{sign}.4f} ± {spread:.4f} ({len(values)}){interval}"
 
 
+def published_cell(group: Group, column: str) -> str:
+    value = group.published.get(column.removeprefix("published").strip())
+    return "-" if value is None else f"{value:.2f}"
+
+
 def markdown(runs: Sequence[Run], groups: Sequence[Group], versus: Sequence[HeadToHead] = (),
              against: Sequence[Difference] = ()) -> str:
     """The per-setting table (mean ± sd (n) [95 % interval]), the head-to-heads, the differences
     from a baseline, the per-run table and the runs that did not finish."""
     names, keys, common = metric_names(runs), swept_keys(runs), common_overrides(runs)
+    published = published_columns(groups)
     lines = [f"Overrides of every run: {' '.join(common) or '(none)'}", ""] if common and keys else []
-    lines += ["| setting | runs finished | " + " | ".join(names) + " | step time | wall time |", "|---|---:|" + "---:|" * (len(names) + 2)]
+    lines += ["| setting | runs finished | " + " | ".join([*names, "step time", "wall time", *published]) + " |",
+              "|---|---:|" + "---:|" * (len(names) + 2 + len(published))]
     for group in groups:
         cells = [summary_cell(group.values(n)) for n in names]
         times = [mean_time([getattr(run, kind) for run in group.finished]) for kind in ("step_s", "wall_s")]
         shown = label(group.setting, keys if keys else None)
+        papers = [published_cell(group, column) for column in published]
         lines.append(f"| {shown} | {len(group.finished)} / {len(group.runs)} | " + " | ".join(cells)
-                     + "".join(f" | {duration(t)}" for t in times) + " |")
+                     + "".join(f" | {duration(t)}" for t in times) + "".join(f" | {cell}" for cell in papers) + " |")
+    if published:
+        sources = ", ".join(dict.fromkeys(run.paper for run in runs if run.paper and run.published))
+        lines += ["", f"*published*: what the paper reported for the row ({sources}) with its models, data and judge, "
+                  "whatever the scale these runs had (`paper.published`)."]
     if versus:
         lines += head_to_head_markdown(versus)
     if against:
@@ -555,15 +609,16 @@ def write_tables(runs: Sequence[Run], groups: Sequence[Group], out: Path, versus
               ([str(run.folder or ""), " ".join(run.overrides), run.seed, run.state, *(run.metrics.get(n, "") for n in names),
                 *("" if value is None else value for value in (run.step_s, run.wall_s))] for run in runs))
     columns = [f"{n} {statistic}" for n in names for statistic in ("mean", "sd", "ci95 low", "ci95 high", "min", "max", "n")]
-    rows = []
+    published, rows = published_columns(groups), []
     for group in groups:
         cells = []
         for name in names:
             values = group.values(name)
             cells += [group.mean(name), group.std(name), *group.interval(name)]
             cells += [min(values, default=""), max(values, default=""), len(values)]
-        rows.append([label(group.setting), len(group.finished), len(group.runs), *cells])
-    write_csv(out / "table.csv", ["setting", "runs_finished", "runs", *columns], rows)
+        rows.append([label(group.setting), len(group.finished), len(group.runs), *cells,
+                     *(group.published.get(column.removeprefix("published").strip(), "") for column in published)])
+    write_csv(out / "table.csv", ["setting", "runs_finished", "runs", *columns, *published], rows)
     if versus:
         write_head_to_heads(versus, out)
     if against:

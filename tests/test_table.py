@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from eval.table import Difference, build_table, collect, plot_difference_panel, read_run
+from eval.table import Difference, build_table, collect, plot_difference_panel, published_numbers, read_run
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCURACY = {("0.25", 0): 0.5, ("0.25", 1): 0.75, ("0.25", 2): 1.0, ("0.5", 0): 0.25}  # finished jobs: (tau, seed) -> accuracy
@@ -397,3 +397,44 @@ def test_a_wide_interval_leaves_the_tick_labels_apart():
     plt.close(figure)
     assert len(boxes) >= 3
     assert all(left.x1 < right.x0 for left, right in itertools.pairwise(sorted(boxes, key=lambda box: box.x0)))
+
+
+PAPER_NUMBERS = [  # preset, a setting's overrides, what the paper reported for it (config/paper/<preset>.yaml)
+    ("rpo_weighting", ["+experiment=rpo_weighting_small", "row/rpo_weighting=unpaired"], {"": 75.00}),
+    ("rpo_group", ["row/rpo_group=g4"], {"": 74.60}),
+    ("rpo_beta", ["loss=rpo", "loss.beta=0.50"], {"": 68.36}),  # loss, then beta; 0.50 is the table's "0.5"
+    ("rpo_tau", ["loss.tau=0.25", "row/rpo_tau=t5_large"], {"": 67.38}),  # the levels in either order
+    ("rpo_methods", ["loss=kto", "row/rpo_methods_setting=hh_llama2_13b"], {"": 71.48}),
+    ("rpo_armorm", ["row/rpo_armorm=simpo"], {"open_llm": 70.07, "alpaca_eval2_lc": 42.19, "mt_bench": 7.21, "arena_hard": 37.20}),
+    ("rpo_unpaired_llama3", ["loss=rpo_unpaired", "row/rpo_unpaired_llama3=ultrafeedback"],
+     {"open_llm": 70.53, "alpaca_eval2_lc": 28.92, "mt_bench": 7.11, "arena_hard": 18.4}),
+    ("sr_zephyr", ["row/sr=sr_ipo", "seed=1"], {"": 62.51}),
+    ("sr", ["row/sr=sr_dpo"], {}),  # head-to-heads only: the head-to-head table shows those
+    ("rpo_weighting", ["row/rpo_weighting=ipo"], {}),  # a row the table does not have
+]
+
+
+@pytest.mark.parametrize(("preset", "setting", "expected"), PAPER_NUMBERS)
+def test_a_setting_finds_what_its_paper_published_for_it(preset, setting, expected):
+    published = OmegaConf.to_container(OmegaConf.load(ROOT / "config" / "paper" / f"{preset}.yaml").published)
+    assert published_numbers(published, setting) == pytest.approx(expected)
+
+
+def test_the_table_puts_the_published_numbers_beside_each_row(weighting_runs, tmp_path):
+    """table.md and table.csv carry the paper's number for each row, and say whose they are; runs
+    whose preset publishes none have no such column."""
+    build_table(sorted(weighting_runs.iterdir()), tmp_path / "plain", [])
+    assert "published" not in (tmp_path / "plain" / "table.md").read_text()
+    for config in weighting_runs.glob("*/config.yaml"):
+        settings = OmegaConf.load(config)
+        settings.paper = OmegaConf.load(ROOT / "config" / "paper" / "rpo_weighting.yaml")
+        OmegaConf.save(settings, config)
+    table = build_table(sorted(weighting_runs.iterdir()), tmp_path / "out", []).read_text()
+    header, _, *lines = table.splitlines()[2:7]
+    assert header.endswith("| step time | wall time | published |")
+    by_row = {line.split(" | ")[0].removeprefix("| "): line for line in lines}
+    assert by_row["row/rpo_weighting=dpo"].endswith("| 72.26 |")
+    assert by_row["row/rpo_weighting=unpaired"].endswith("| 75.00 |")
+    assert "*published*: what the paper reported for the row (RPO v1 (Yin et al., 2024), Table 1, win rate vs chosen (%))" in table
+    published = {row["setting"]: row["published"] for row in rows(tmp_path / "out" / "table.csv")}
+    assert published["+experiment=rpo_weighting_small row/rpo_weighting=paired"] == "78.52"
