@@ -433,6 +433,10 @@ def test_a_small_preset_sweeps_through_the_cli_and_ends_in_its_table(tmp_path, f
     assert f"Sweep table: {sweep / 'table.md'}" in result.stdout
     for group in (2, 4, 6, 8):
         assert f"| row/rpo_group=g{group} | 1 / 1 |" in table
+    published = {line.split(" | ")[0]: line.rsplit(" | ", 1)[1] for line in table.splitlines()
+                 if line.startswith("| row/rpo_group=") and " | 1 / 1 | " in line}  # the settings' rows
+    assert published == {"| row/rpo_group=g2": "71.48 |", "| row/rpo_group=g4": "74.60 |", "| row/rpo_group=g6": "74.61 |",
+                         "| row/rpo_group=g8": "78.52 |"}  # Table 3's numbers beside each row (paper.published)
     assert "Against row/rpo_group=g2, seed by seed" in table  # the preset's comparison (paper.table_baselines)
     with (sweep / "versus_baseline.csv").open() as handle:
         versus = {next(o for o in row["setting"].split() if o.startswith("row/")): row for row in csv.DictReader(handle)}
