@@ -133,8 +133,8 @@ def read_run(folder: Path) -> Run:
         run.seed = config.get("seed")
         run.published = OmegaConf.to_container(OmegaConf.select(config, "paper.published", default=None) or OmegaConf.create({}))
         run.table_baselines = [str(b) for b in OmegaConf.select(config, "paper.table_baselines", default=None) or ()]
-        run.paper = ", ".join(str(OmegaConf.select(config, f"paper.{key}")) for key in ("source", "metric")
-                              if OmegaConf.select(config, f"paper.{key}", default=None) is not None)
+        run.paper = ", ".join(str(value) for key in ("source", "metric")
+                              if (value := OmegaConf.select(config, f"paper.{key}", default=None)) is not None)
     metrics_file, summary_file = folder / "metrics.jsonl", folder / "summary.json"
     if metrics_file.exists():
         run.curves = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
@@ -274,9 +274,13 @@ def published_numbers(published: dict, setting: Sequence[str]) -> dict[str, floa
     return {}
 
 
-def published_columns(groups: Sequence[Group]) -> list[str]:
-    """The published numbers' columns: `published`, or `published <benchmark>` for each benchmark."""
-    return list(dict.fromkeys(f"published {name}".rstrip() for group in groups for name in group.published))
+def published_keys(groups: Sequence[Group]) -> list[str]:
+    """The published numbers' keys, a column each: "" for a single number, else each benchmark."""
+    return list(dict.fromkeys(key for group in groups for key in group.published))
+
+
+def published_header(key: str) -> str:
+    return f"published {key}".rstrip()
 
 
 def mean_interval(values: Sequence[float]) -> tuple[float, float]:
@@ -345,8 +349,8 @@ def summary_cell(values: Sequence[float], sign: str = "") -> str:
     return f"{statistics.fmean(values):{sign}.4f} ± {spread:.4f} ({len(values)}){interval}"
 
 
-def published_cell(group: Group, column: str) -> str:
-    value = group.published.get(column.removeprefix("published").strip())
+def published_cell(group: Group, key: str) -> str:
+    value = group.published.get(key)
     return "-" if value is None else f"{value:.2f}"
 
 
@@ -355,15 +359,15 @@ def markdown(runs: Sequence[Run], groups: Sequence[Group], versus: Sequence[Head
     """The per-setting table (mean ± sd (n) [95 % interval]), the head-to-heads, the differences
     from a baseline, the per-run table and the runs that did not finish."""
     names, keys, common = metric_names(runs), swept_keys(runs), common_overrides(runs)
-    published = published_columns(groups)
+    published = published_keys(groups)
     lines = [f"Overrides of every run: {' '.join(common) or '(none)'}", ""] if common and keys else []
-    lines += ["| setting | runs finished | " + " | ".join([*names, "step time", "wall time", *published]) + " |",
+    lines += ["| setting | runs finished | " + " | ".join([*names, "step time", "wall time", *map(published_header, published)]) + " |",
               "|---|---:|" + "---:|" * (len(names) + 2 + len(published))]
     for group in groups:
         cells = [summary_cell(group.values(n)) for n in names]
         times = [mean_time([getattr(run, kind) for run in group.finished]) for kind in ("step_s", "wall_s")]
         shown = label(group.setting, keys if keys else None)
-        papers = [published_cell(group, column) for column in published]
+        papers = [published_cell(group, key) for key in published]
         lines.append(f"| {shown} | {len(group.finished)} / {len(group.runs)} | " + " | ".join(cells)
                      + "".join(f" | {duration(t)}" for t in times) + "".join(f" | {cell}" for cell in papers) + " |")
     if published:
@@ -609,7 +613,7 @@ def write_tables(runs: Sequence[Run], groups: Sequence[Group], out: Path, versus
               ([str(run.folder or ""), " ".join(run.overrides), run.seed, run.state, *(run.metrics.get(n, "") for n in names),
                 *("" if value is None else value for value in (run.step_s, run.wall_s))] for run in runs))
     columns = [f"{n} {statistic}" for n in names for statistic in ("mean", "sd", "ci95 low", "ci95 high", "min", "max", "n")]
-    published, rows = published_columns(groups), []
+    published, rows = published_keys(groups), []
     for group in groups:
         cells = []
         for name in names:
@@ -617,8 +621,8 @@ def write_tables(runs: Sequence[Run], groups: Sequence[Group], out: Path, versus
             cells += [group.mean(name), group.std(name), *group.interval(name)]
             cells += [min(values, default=""), max(values, default=""), len(values)]
         rows.append([label(group.setting), len(group.finished), len(group.runs), *cells,
-                     *(group.published.get(column.removeprefix("published").strip(), "") for column in published)])
-    write_csv(out / "table.csv", ["setting", "runs_finished", "runs", *columns, *published], rows)
+                     *(group.published.get(key, "") for key in published)])
+    write_csv(out / "table.csv", ["setting", "runs_finished", "runs", *columns, *map(published_header, published)], rows)
     if versus:
         write_head_to_heads(versus, out)
     if against:
