@@ -133,7 +133,7 @@ def read_run(folder: Path) -> Run:
         run.seed = config.get("seed")
         run.published = OmegaConf.to_container(OmegaConf.select(config, "paper.published", default=None) or OmegaConf.create({}))
         run.table_baselines = [str(b) for b in OmegaConf.select(config, "paper.table_baselines", default=None) or ()]
-        run.paper = ", ".join(str(value) for key in ("source", "metric")
+        run.paper = ": ".join(str(value) for key in ("source", "metric")
                               if (value := OmegaConf.select(config, f"paper.{key}", default=None)) is not None)
     metrics_file, summary_file = folder / "metrics.jsonl", folder / "summary.json"
     if metrics_file.exists():
@@ -371,7 +371,7 @@ def markdown(runs: Sequence[Run], groups: Sequence[Group], versus: Sequence[Head
         lines.append(f"| {shown} | {len(group.finished)} / {len(group.runs)} | " + " | ".join(cells)
                      + "".join(f" | {duration(t)}" for t in times) + "".join(f" | {cell}" for cell in papers) + " |")
     if published:
-        sources = ", ".join(dict.fromkeys(run.paper for run in runs if run.paper and run.published))
+        sources = "; ".join(dict.fromkeys(run.paper for run in runs if run.paper and run.published))
         lines += ["", f"*published*: what the paper reported for the row ({sources}) with its models, data and judge, "
                   "whatever the scale these runs had (`paper.published`)."]
     if versus:

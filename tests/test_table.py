@@ -435,6 +435,13 @@ def test_the_table_puts_the_published_numbers_beside_each_row(weighting_runs, tm
     by_row = {line.split(" | ")[0].removeprefix("| "): line for line in lines}
     assert by_row["row/rpo_weighting=dpo"].endswith("| 72.26 |")
     assert by_row["row/rpo_weighting=unpaired"].endswith("| 75.00 |")
-    assert "*published*: what the paper reported for the row (RPO v1 (Yin et al., 2024), Table 1, win rate vs chosen (%))" in table
+    assert "*published*: what the paper reported for the row (RPO v1 (Yin et al., 2024), Table 1: win rate vs chosen (%))" in table
     published = {row["setting"]: row["published"] for row in rows(tmp_path / "out" / "table.csv")}
     assert published["+experiment=rpo_weighting_small row/rpo_weighting=paired"] == "78.52"
+    for config in weighting_runs.glob("*_dpo/config.yaml"):  # DPO's runs from another table: two papers, each named once
+        settings = OmegaConf.load(config)
+        settings.paper = OmegaConf.load(ROOT / "config" / "paper" / "rpo_group.yaml")
+        OmegaConf.save(settings, config)
+    table = build_table(sorted(weighting_runs.iterdir()), tmp_path / "two", []).read_text()
+    assert ("*published*: what the paper reported for the row (RPO v1 (Yin et al., 2024), Table 3: win rate vs chosen (%); "
+            "RPO v1 (Yin et al., 2024), Table 1: win rate vs chosen (%))") in table
