@@ -12,6 +12,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -420,15 +421,20 @@ def test_a_setting_finds_what_its_paper_published_for_it(preset, setting, expect
     assert published_numbers(published, setting) == pytest.approx(expected)
 
 
+def set_paper(configs: Iterable[Path], paper: str) -> None:
+    """Give runs' saved configs the `paper` block of config/paper/<paper>.yaml."""
+    for config in configs:
+        settings = OmegaConf.load(config)
+        settings.paper = OmegaConf.load(ROOT / "config" / "paper" / f"{paper}.yaml")
+        OmegaConf.save(settings, config)
+
+
 def test_the_table_puts_the_published_numbers_beside_each_row(weighting_runs, tmp_path):
     """table.md and table.csv carry the paper's number for each row, and say whose they are; runs
     whose preset publishes none have no such column."""
     build_table(sorted(weighting_runs.iterdir()), tmp_path / "plain", [])
     assert "published" not in (tmp_path / "plain" / "table.md").read_text()
-    for config in weighting_runs.glob("*/config.yaml"):
-        settings = OmegaConf.load(config)
-        settings.paper = OmegaConf.load(ROOT / "config" / "paper" / "rpo_weighting.yaml")
-        OmegaConf.save(settings, config)
+    set_paper(weighting_runs.glob("*/config.yaml"), "rpo_weighting")
     table = build_table(sorted(weighting_runs.iterdir()), tmp_path / "out", []).read_text()
     header, _, *lines = table.splitlines()[2:7]
     assert header.endswith("| step time | wall time | published |")
@@ -438,10 +444,7 @@ def test_the_table_puts_the_published_numbers_beside_each_row(weighting_runs, tm
     assert "*published*: what the paper reported for the row (RPO v1 (Yin et al., 2024), Table 1: win rate vs chosen (%))" in table
     published = {row["setting"]: row["published"] for row in rows(tmp_path / "out" / "table.csv")}
     assert published["+experiment=rpo_weighting_small row/rpo_weighting=paired"] == "78.52"
-    for config in weighting_runs.glob("*_dpo/config.yaml"):  # DPO's runs from another table: two papers, each named once
-        settings = OmegaConf.load(config)
-        settings.paper = OmegaConf.load(ROOT / "config" / "paper" / "rpo_group.yaml")
-        OmegaConf.save(settings, config)
+    set_paper(weighting_runs.glob("*_dpo/config.yaml"), "rpo_group")  # DPO's runs from another table: two papers, each named once
     table = build_table(sorted(weighting_runs.iterdir()), tmp_path / "two", []).read_text()
     assert ("*published*: what the paper reported for the row (RPO v1 (Yin et al., 2024), Table 3: win rate vs chosen (%); "
             "RPO v1 (Yin et al., 2024), Table 1: win rate vs chosen (%))") in table
